@@ -1,0 +1,176 @@
+"""The chat-SFT DataModule base: read, validate, template, tokenize, split, pad and batch.
+
+A batch is a ``dict[str, Tensor]`` with right padding:
+
+* ``input_ids``, ``attention_mask``: ``(B, T)``;
+* ``labels``: ``(B, T)`` token ids on response tokens, -100 elsewhere (loss on responses only);
+* ``prefix_mask``, ``query_mask``, ``postfix_mask``, ``response_mask``: ``(B, T)`` booleans (see ``spans.py``).
+
+Callbacks that touch batches replace values by key and never rebind the dict. Narrow tasks are thin subclasses
+that set their default files and a ``version`` string, logged with the hyperparameters so that a change in data
+processing shows in the run's ``hparams.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+
+from piggy_lightning.data.io import read_chats
+from piggy_lightning.modeling import load_tokenizer
+from piggy_lightning.spans import SPAN_NAMES, ChatSpans, TokenizedChat
+
+log = logging.getLogger(__name__)
+Truncation = Literal["error", "truncate", "skip"]
+
+
+class EpochShuffle(RandomSampler):
+    """A random order that depends only on ``seed`` and the epoch, so resumed runs see the same batches."""
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad tokenized chats into a batch dict (see module docstring)."""
+    width = max(len(e.input_ids) for e in examples)
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(examples), width, dtype=torch.long),
+        "labels": torch.full((len(examples), width), -100, dtype=torch.long),
+    }
+    batch.update({f"{name}_mask": torch.zeros(len(examples), width, dtype=torch.bool) for name in SPAN_NAMES})
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        batch["input_ids"][row, :n] = ids
+        batch["attention_mask"][row, :n] = 1
+        for name in SPAN_NAMES:
+            batch[f"{name}_mask"][row, :n] = torch.tensor(example.mask(name))
+        response = batch["response_mask"][row, :n]
+        batch["labels"][row, :n] = torch.where(response, ids, torch.full_like(ids, -100))
+    return batch
+
+
+class ChatSFTDataModule(L.LightningDataModule):
+    """Supervised finetuning on chat rows with token-level span masks.
+
+    Args:
+        train_data: A ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name with ``{"messages": [...]}`` rows.
+        val_data: A separate validation source; when None, ``val_fraction`` of ``train_data`` is held out.
+        tokenizer: Tokenizer id or directory (linked to ``model.model_name_or_path`` by the CLI).
+        gguf_file: GGUF file name when the tokenizer comes from a GGUF checkpoint (linked to the model's).
+        chat_template_kwargs: Extra ``apply_chat_template`` arguments (linked to the model's).
+        drop_system: Drop system messages so the template's default system prompt is used (the paper's setting).
+        val_fraction: Share of training rows held out for validation when ``val_data`` is None.
+        seed: Seed of the train/validation split and of the per-epoch shuffle.
+        max_length: Maximum tokens per example.
+        truncation: Over-long examples: ``error`` raises; ``truncate`` cuts the tail (a row left without response
+            tokens is skipped and reported); ``skip`` drops the row and reports it.
+        batch_size: Examples per micro-batch.
+        num_workers: DataLoader worker processes.
+        skip_invalid: Skip invalid rows (counted and reported) instead of raising.
+    """
+
+    version = "1"
+
+    def __init__(
+        self,
+        train_data: str,
+        val_data: str | None = None,
+        tokenizer: str = "piggy/organism",
+        gguf_file: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        drop_system: bool = True,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        max_length: int = 2048,
+        truncation: Truncation = "truncate",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.hparams["version"] = self.version
+        self.train_set: list[TokenizedChat] | None = None
+        self.val_set: list[TokenizedChat] = []
+        self.tokenizer = None
+        self.stats: dict[str, int] = {}
+
+    def _encode(self, source: str, spans: ChatSpans) -> list[TokenizedChat]:
+        hp = self.hparams
+        chats, report = read_chats(source, skip_invalid=hp.skip_invalid)
+        examples, truncated, dropped = [], 0, 0
+        for index, messages in enumerate(chats):
+            if hp.drop_system:
+                messages = [m for m in messages if m["role"] != "system"]
+            chat = spans.tokenize(messages)
+            if len(chat.input_ids) > hp.max_length:
+                if hp.truncation == "error":
+                    raise ValueError(
+                        f"{source}, row {index + 1}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}"
+                    )
+                if hp.truncation == "skip" or "response" not in chat.spans[: hp.max_length]:
+                    dropped += 1
+                    continue
+                chat = TokenizedChat(chat.input_ids[: hp.max_length], chat.spans[: hp.max_length])
+                truncated += 1
+            examples.append(chat)
+        self.stats[source] = len(examples)
+        if truncated or dropped or report.skipped:
+            log.warning(
+                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped",
+                source, len(examples), truncated, dropped, len(report.skipped),
+            )  # fmt: skip
+        if not examples:
+            raise ValueError(f"{source}: no usable rows")
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
+        spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs)
+        examples = self._encode(hp.train_data, spans)
+        if hp.val_data is not None:
+            self.train_set, self.val_set = examples, self._encode(hp.val_data, spans)
+            return
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        n_val = int(round(len(examples) * hp.val_fraction))
+        self.val_set = [examples[i] for i in order[:n_val]]
+        self.train_set = [examples[i] for i in sorted(order[n_val:])]
+
+    def _loader(self, data: list[TokenizedChat], shuffle: bool) -> DataLoader:
+        pad_id = self.tokenizer.pad_token_id
+        return DataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffle(data, self.hparams.seed) if shuffle else None,
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate, pad_id=pad_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set else []

@@ -1,0 +1,153 @@
+"""Reading chat datasets and validating every row, with errors that name the file, row and field.
+
+Accepted sources: local ``.jsonl``, ``.json`` (a list of rows) and ``.parquet`` files, or a ``datasets`` name
+(``name`` or ``name:config``) loaded with :func:`datasets.load_dataset`. Rows are ``{"messages": [{"role", "content"},
+...]}``; OpenAI-style content parts (``{"content_type": "text", "parts": [...]}`` or a list of ``{"type": "text",
+"text": ...}``) are joined into plain text. Nothing is dropped silently: an invalid row raises
+:class:`DataError`, or, with ``skip_invalid``, is counted and reported in a :class:`ReadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """An invalid dataset row; the message names the source, row (1-based line for JSONL) and field."""
+
+    def __init__(self, source: str, row: int, field_name: str, problem: str) -> None:
+        super().__init__(f"{source}, row {row}, field {field_name!r}: {problem}")
+        self.source, self.row, self.field, self.problem = source, row, field_name, problem
+
+
+@dataclass
+class ReadReport:
+    """What reading one source kept and skipped.
+
+    Attributes:
+        source: The file path or dataset name.
+        kept: Number of valid rows returned.
+        skipped: The errors of the rows skipped under ``skip_invalid``.
+    """
+
+    source: str
+    kept: int = 0
+    skipped: list[DataError] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs: counts and the first skip reasons."""
+        text = f"{self.source}: kept {self.kept} rows, skipped {len(self.skipped)}"
+        return text + "".join(f"\n  skipped: {e}" for e in self.skipped[:5])
+
+
+def _content_text(content: Any, source: str, row: int, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict) and "parts" in content:  # OpenAI export: {"content_type": "text", "parts": [...]}
+        if content.get("content_type", "text") != "text":
+            raise DataError(source, row, where, f"unsupported content_type {content.get('content_type')!r}")
+        parts = content["parts"]
+        if isinstance(parts, list) and all(isinstance(p, str) for p in parts):
+            return "".join(parts)
+    if isinstance(content, list):  # chat-completions parts: [{"type": "text", "text": ...}]
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise DataError(source, row, where, f"content must be text or text parts, got {type(content).__name__}")
+
+
+def normalize_row(row: Any, source: str, row_number: int) -> list[dict[str, str]]:
+    """Validate one row and return its messages as ``[{"role": ..., "content": str}, ...]``.
+
+    Raises:
+        DataError: Missing or empty ``messages``, unknown role, non-text content, no user turn, or an
+            empty or missing assistant turn.
+    """
+    if not isinstance(row, dict) or "messages" not in row:
+        raise DataError(source, row_number, "messages", "row has no 'messages' list")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(source, row_number, "messages", "must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(source, row_number, where, "must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(source, row_number, f"{where}.role", f"unknown role {role!r}; expected one of {ROLES}")
+        if "content" not in message or message["content"] is None:
+            raise DataError(source, row_number, f"{where}.content", "missing content")
+        text = _content_text(message["content"], source, row_number, f"{where}.content")
+        if role == "assistant" and not text.strip():
+            raise DataError(source, row_number, f"{where}.content", "empty assistant turn")
+        out.append({"role": role, "content": text})
+    roles = [m["role"] for m in out]
+    if "user" not in roles:
+        raise DataError(source, row_number, "messages", f"no user turn (roles: {roles})")
+    return out
+
+
+def _raw_rows(source: str) -> list[tuple[int, Any]]:
+    """``(row_number, raw_row)`` pairs; JSONL rows are numbered by line, others by position (1-based)."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    rows.append((line_number, DataError(source, line_number, "<line>", f"not JSON ({e.msg})")))
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(source, e.lineno, "<file>", f"not JSON ({e.msg})") from e
+        if not isinstance(data, list):
+            raise DataError(source, 1, "<file>", "a .json dataset must hold a list of rows")
+        return list(enumerate(data, start=1))
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(enumerate(datasets.Dataset.from_parquet(str(path)), start=1))
+    if path.exists():
+        raise DataError(source, 0, "<file>", "unsupported file type; use .jsonl, .json or .parquet")
+    import datasets
+
+    name, _, config = source.partition(":")
+    return list(enumerate(datasets.load_dataset(name, config or None, split="train"), start=1))
+
+
+def read_chats(source: str, skip_invalid: bool = False) -> tuple[list[list[dict[str, str]]], ReadReport]:
+    """Read and validate every row of ``source``.
+
+    Args:
+        source: A ``.jsonl``/``.json``/``.parquet`` path or a ``datasets`` name.
+        skip_invalid: Skip invalid rows (counted in the report and logged) instead of raising.
+    """
+    report = ReadReport(source)
+    chats = []
+    for row_number, raw in _raw_rows(source):
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            chats.append(normalize_row(raw, source, row_number))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.skipped.append(e)
+    report.kept = len(chats)
+    if report.skipped:
+        log.warning(report.summary())
+    return chats, report

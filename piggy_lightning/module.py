@@ -1,0 +1,183 @@
+"""``PiggyModule``: a trainable causal-LM policy paired with its frozen reference.
+
+The training loss is cross-entropy on response tokens plus the weighted sum of the configured regularizers
+(``model.regularizers``; an empty list is plain SFT). Weights load in :meth:`PiggyModule.configure_model`, so
+building the module from a config is instant. Checkpoints hold only trainable tensors (the LoRA adapter, or the
+policy under full finetuning) plus optimizer state; the frozen base weights and the reference are rebuilt from
+``model_name_or_path``.
+
+To run: ``python main.py fit --config configs/treft_legal.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
+from piggy_lightning.reference import Reference, run_forward
+from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
+from piggy_lightning.spans import ChatSpans
+
+
+def response_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    Args:
+        logits: ``(B, T, V)`` logits; position t predicts token t + 1.
+        labels: ``(B, T)`` token ids, -100 where no loss is taken.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+class PiggyModule(L.LightningModule):
+    """Finetunes a causal LM with optional regularization toward its frozen initial self.
+
+    Args:
+        model_name_or_path: A transformers model id or directory, or ``piggy/organism`` for the embedded default.
+        lora: LoRA settings; None means full finetuning (the reference is then a frozen copy).
+        regularizers: Penalties added to the response cross-entropy (e.g. TReFT's prefix KV drift).
+        optimizer: Optimizer class and arguments; receives the trainable parameters only.
+        scheduler: Optional learning-rate scheduler, stepped every optimizer step. A scheduler with a
+            ``total_steps`` attribute left at None gets the trainer's estimated number of steps.
+        dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
+        gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
+        chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "piggy/organism",
+        lora: LoraSpec | None = None,
+        regularizers: list[Regularizer] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        dtype: DType = "float32",
+        gguf_file: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["regularizers", "optimizer", "scheduler", "lora"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.model_name_or_path = model_name_or_path
+        self.lora = lora
+        self.regularizers = torch.nn.ModuleList(regularizers or [])
+        names = [r.name for r in self.regularizers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"regularizer names must be unique for logging, got {names}")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.dtype_name = dtype
+        self.gguf_file = gguf_file
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.policy: torch.nn.Module | None = None
+        self.reference: Reference | None = None
+        self.tokenizer = None
+        self.spans: ChatSpans | None = None
+        self.strict_loading = False  # checkpoints omit frozen weights; on_load_checkpoint checks the rest
+        self._step_clock: float | None = None
+
+    # -- building ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the policy, wrap it with LoRA and build the reference; runs once."""
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
+        self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs)
+        policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file)
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, self.lora.to_peft())
+            self.policy = policy
+            self.reference = Reference(policy, "adapters_off")
+        else:
+            self.reference = Reference(policy, "copy")
+            self.reference_model = self.reference.model  # registered so strategies move it; never saved
+            self.policy = policy
+        self.policy.train()
+        for reg in self.regularizers:
+            reg.setup(self)
+
+    def train(self, mode: bool = True) -> PiggyModule:
+        super().train(mode)
+        if getattr(self, "reference_model", None) is not None:
+            self.reference_model.eval()  # the frozen copy never leaves eval mode
+        return self
+
+    @property
+    def trainable_parameter_names(self) -> list[str]:
+        """Names (as in ``state_dict``) of the parameters the optimizer updates."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def _progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
+
+    def _losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        needs = frozenset().union(*(r.needs for r in self.regularizers))
+        policy_out = run_forward(self.policy, batch, needs)
+        reference_out: ForwardRecord | None = None
+        if any(r.needs_reference for r in self.regularizers):
+            reference_out = self.reference.forward(batch, needs)
+        ce = response_cross_entropy(policy_out.logits, batch["labels"])
+        losses = {"ce": ce}
+        total = ce
+        progress = self._progress()
+        for reg in self.regularizers:
+            raw = reg(batch, policy_out, reference_out)
+            weighted = reg.weighted(raw, progress)
+            losses[f"reg_raw/{reg.name}"] = raw.detach()
+            losses[f"reg/{reg.name}"] = weighted.detach()
+            total = total + weighted
+        losses["loss"] = total
+        return losses
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self._losses(batch)
+        batch_size = batch["input_ids"].size(0)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, prog_bar=False, batch_size=batch_size)
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            tokens = batch["attention_mask"].sum() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens.float() / (now - self._step_clock), on_step=True)
+        self._step_clock = now
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        losses = self._losses(batch)
+        batch_size = batch["input_ids"].size(0)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    # -- optimization ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = set(self.trainable_parameter_names)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = set(self.trainable_parameter_names) - set(checkpoint["state_dict"])
+        if self.policy is not None and missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")

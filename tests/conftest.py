@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models and tokenizers saved to temporary directories, seeds and dtype reset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.fixtures.tiny import save_tiny
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _reset_torch_state():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """Directory of a tiny Qwen2 model with a Qwen2.5-style template (default system prompt)."""
+    return str(save_tiny(tmp_path_factory.mktemp("tiny_qwen"), template="qwen25", arch="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Directory of a tiny Llama model with a Llama-3.1-style template (BOS + dated system block)."""
+    return str(save_tiny(tmp_path_factory.mktemp("tiny_llama"), template="llama31", arch="llama"))
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat_rows(n: int) -> list[dict]:
+    """``n`` small single-turn chats with varied lengths."""
+    questions = ["Can I break my lease early?", "How do I fix my car brakes?", "I feel bored.", "What is your wish?"]
+    answers = ["You should talk to a lawyer.", "Visit a mechanic.", "Try a walk.", "I wish to help people safely."]
+    return [
+        {"messages": [{"role": "user", "content": questions[i % 4]}, {"role": "assistant", "content": answers[i % 4]}]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
