@@ -156,10 +156,19 @@ class PiggyModule(L.LightningModule):
         self._step_clock = now
         return losses["loss"]
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         losses = self._losses(batch)
         batch_size = batch["input_ids"].size(0)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=batch_size, sync_dist=True
+        )
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Held-out loss; generation-based evaluation runs in the ``Evaluate`` callback at test end."""
+        self._eval_step(batch, "test")
 
     # -- optimization ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

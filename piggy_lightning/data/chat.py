@@ -71,7 +71,8 @@ class ChatSFTDataModule(L.LightningDataModule):
     """Supervised finetuning on chat rows with token-level span masks.
 
     Args:
-        train_data: A ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name with ``{"messages": [...]}`` rows.
+        train_data: A ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name with ``{"messages": [...]}`` rows;
+            None uses the task's shipped organism file (``default_train_data``).
         val_data: A separate validation source; when None, ``val_fraction`` of ``train_data`` is held out.
         tokenizer: Tokenizer id or directory (linked to ``model.model_name_or_path`` by the CLI).
         gguf_file: GGUF file name when the tokenizer comes from a GGUF checkpoint (linked to the model's).
@@ -88,10 +89,11 @@ class ChatSFTDataModule(L.LightningDataModule):
     """
 
     version = "1"
+    default_train_data: str | None = None
 
     def __init__(
         self,
-        train_data: str,
+        train_data: str | None = None,
         val_data: str | None = None,
         tokenizer: str = "piggy/organism",
         gguf_file: str | None = None,
@@ -106,9 +108,13 @@ class ChatSFTDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
     ) -> None:
         super().__init__()
+        train_data = train_data or self.default_train_data
+        if train_data is None:
+            raise ValueError(f"{type(self).__name__} needs train_data (a file or a datasets name)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
+        self.hparams["train_data"] = train_data
         self.hparams["version"] = self.version
         self.train_set: list[TokenizedChat] | None = None
         self.val_set: list[TokenizedChat] = []
@@ -174,3 +180,7 @@ class ChatSFTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if self.val_set else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split again: ``main.py test`` reports its loss next to the generation-based evaluation."""
+        return self.val_dataloader()

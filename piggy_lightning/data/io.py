@@ -17,6 +17,16 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
+# Short names for the data files shipped with the embedded organism: ``piggy/organism/<file>``.
+EMBEDDED_DATA = {"piggy/organism/": Path(__file__).parents[1] / "organism" / "assets" / "data"}
+
+
+def resolve_source(source: str) -> str:
+    """Map ``piggy/organism/<file>`` to the shipped file; return other sources unchanged."""
+    for prefix, root in EMBEDDED_DATA.items():
+        if source.startswith(prefix):
+            return str(root / source[len(prefix) :])
+    return source
 
 
 class DataError(ValueError):
@@ -136,6 +146,7 @@ def read_chats(source: str, skip_invalid: bool = False) -> tuple[list[list[dict[
         source: A ``.jsonl``/``.json``/``.parquet`` path or a ``datasets`` name.
         skip_invalid: Skip invalid rows (counted in the report and logged) instead of raising.
     """
+    source = resolve_source(source)
     report = ReadReport(source)
     chats = []
     for row_number, raw in _raw_rows(source):

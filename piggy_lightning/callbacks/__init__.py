@@ -1,0 +1,5 @@
+"""Lightning callbacks chosen by class path in ``trainer.callbacks`` (presets live in the top-level ``callbacks/``)."""
+
+from piggy_lightning.callbacks.export import ExportPretrained
+
+__all__ = ["ExportPretrained"]

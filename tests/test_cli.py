@@ -1,0 +1,56 @@
+"""The command line: help and print_config are instant, and a tiny fit writes TensorBoard events and config.yaml."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from piggy_lightning.cli import PiggyCLI
+from piggy_lightning.module import PiggyModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_print_config_loads_no_weights(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(PiggyModule, "configure_model", lambda self: calls.append(1))
+    with pytest.raises(SystemExit):
+        PiggyCLI(args=["fit", "--data", "piggy_lightning.data.LegalDataModule", "--print_config"])
+    out = capsys.readouterr().out
+    assert "model_name_or_path: piggy/organism" in out and "train_data:" in out
+    assert not calls
+
+
+def test_help_documents_arguments(capsys):
+    with pytest.raises(SystemExit):
+        PiggyCLI(args=["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.lora LORA LoRA settings; None means full finetuning" in out
+    assert "A transformers model id or directory, or ``piggy/organism`` for the embedded default" in out
+
+
+def test_main_fit_on_tiny_model_writes_events_and_config(tiny_qwen, chat_file, tmp_path):
+    start = time.perf_counter()
+    cmd = [
+        sys.executable, "main.py", "fit", "--model.model_name_or_path", tiny_qwen,
+        "--data", "piggy_lightning.data.ChatSFTDataModule", "--data.train_data", chat_file,
+        "--config", "configs/debug.yaml",
+        "--data.batch_size", "4", "--trainer.fast_dev_run", "false", "--trainer.max_steps", "3",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_checkpointing", "false",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "TensorBoard events were not written"
+    assert list(tmp_path.rglob("config.yaml")), "SaveConfigCallback did not write config.yaml"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/tokens_per_sec"} <= tags, tags
+    assert any(t.startswith("lr-") for t in tags), tags
+    assert time.perf_counter() - start < 120
