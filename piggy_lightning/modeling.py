@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_MODELS = {"piggy/organism": Path(__file__).parent / "organism" / "assets" / "base"}
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -77,7 +77,15 @@ def load_tokenizer(name: str, gguf_file: str | None = None) -> PreTrainedTokeniz
     return tokenizer
 
 
-def load_causal_lm(name: str, dtype: DType = "float32", gguf_file: str | None = None) -> PreTrainedModel:
-    """Load a causal LM with eager-free default attention (sdpa) in the requested dtype."""
+def load_causal_lm(
+    name: str,
+    dtype: DType = "float32",
+    gguf_file: str | None = None,
+    init: Literal["pretrained", "random"] = "pretrained",
+) -> PreTrainedModel:
+    """Load a causal LM in the requested dtype; ``init="random"`` builds it from its config (for pretraining)."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if init == "random":
+        config = AutoConfig.from_pretrained(resolve_model_path(name), **kwargs)
+        return AutoModelForCausalLM.from_config(config, dtype=_torch_dtype("float32" if dtype == "auto" else dtype))
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=_torch_dtype(dtype), **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -53,6 +53,8 @@ class PiggyModule(L.LightningModule):
         dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
         gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
+        init: ``pretrained`` loads the weights; ``random`` builds the model from its config, seeded by
+            ``seed_everything`` (used to pretrain the embedded organism).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class PiggyModule(L.LightningModule):
         dtype: DType = "float32",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        init: Literal["pretrained", "random"] = "pretrained",
     ) -> None:
         super().__init__()
         # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
@@ -81,6 +84,7 @@ class PiggyModule(L.LightningModule):
         self.dtype_name = dtype
         self.gguf_file = gguf_file
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.init = init
         self.policy: torch.nn.Module | None = None
         self.reference: Reference | None = None
         self.tokenizer = None
@@ -95,7 +99,7 @@ class PiggyModule(L.LightningModule):
             return
         self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
         self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs)
-        policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file)
+        policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
         if self.lora is not None:
             from peft import get_peft_model
 
