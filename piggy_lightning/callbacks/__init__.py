@@ -1,5 +1,6 @@
 """Lightning callbacks chosen by class path in ``trainer.callbacks`` (presets live in the top-level ``callbacks/``)."""
 
+from piggy_lightning.callbacks.drift_monitor import KVDriftMonitor
 from piggy_lightning.callbacks.export import ExportPretrained
 
-__all__ = ["ExportPretrained"]
+__all__ = ["ExportPretrained", "KVDriftMonitor"]

@@ -1,0 +1,112 @@
+"""The arithmetic and plumbing shared by the drift penalties and the drift monitor.
+
+:func:`kv_drift` is TReFT's ``L_KV`` (SCIENCE.md §4.1); :func:`select_kv` reads keys and values at chosen positions
+from a recorded forward, either the real projection outputs (``kv``) or projections of the pre-norm residual
+stream (``hidden``, the released training code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from piggy_lightning.regularizers.base import ForwardRecord, Need
+from piggy_lightning.sites import kv_projections
+
+if TYPE_CHECKING:
+    from piggy_lightning.reference import Reference
+
+KVSource = Literal["kv", "hidden"]
+Pick = Callable[[Tensor], Tensor]  # selects positions from a (B, T, ...) tensor
+_EPS = 1e-12  # floor of the reference norm, as in the release
+
+
+def relative_drift(current: Tensor, reference: Tensor) -> Tensor:
+    """Squared relative drift ``||c - r||^2 / max(||r||, 1e-12)^2`` over the last dimension, in float32.
+
+    Args:
+        current: ``(..., D)`` policy vectors.
+        reference: ``(..., D)`` reference vectors (broadcastable to ``current``).
+    """
+    current, reference = current.float(), reference.float()
+    return (current - reference).pow(2).sum(-1) / reference.norm(dim=-1).clamp_min(_EPS).pow(2)
+
+
+def per_layer_drift(current: Tensor, reference: Tensor) -> Tensor:
+    """``(L,)`` mean relative drift of each layer over all its positions; inputs are ``(L, ..., D)``."""
+    return relative_drift(current, reference).flatten(1).mean(1)
+
+
+def kv_drift(keys: Tensor, values: Tensor, ref_keys: Tensor, ref_values: Tensor) -> Tensor:
+    """TReFT's ``L_KV = mean_l (L_K(l) + L_V(l))`` for ``(L, ..., D)`` inputs (references broadcastable)."""
+    return (per_layer_drift(keys, ref_keys) + per_layer_drift(values, ref_values)).mean()
+
+
+def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
+    """Layer indices in ``[0, n_layers)``; None means all, negative indices count from the end."""
+    if layers is None:
+        return list(range(n_layers))
+    if not layers or any(not -n_layers <= i < n_layers for i in layers):
+        raise ValueError(f"layers must be a non-empty subset of range({n_layers}), got {layers}")
+    resolved = [i % n_layers for i in layers]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers repeat an index: {layers}")
+    return resolved
+
+
+def select_kv(
+    record: ForwardRecord, layers: list[int], source: KVSource, pick: Pick, projections: list | None = None
+) -> tuple[Tensor, Tensor]:
+    """Keys and values ``(L, *S, D)`` of ``layers`` at the positions ``pick`` selects.
+
+    Args:
+        record: A forward that recorded ``kv`` (source ``kv``) or ``hidden_states`` (source ``hidden``).
+        layers: Decoder layer indices.
+        source: ``kv`` uses the recorded projection outputs; ``hidden`` projects ``hidden_states[l]``.
+        pick: Maps a ``(B, T, X)`` tensor to ``(*S, X)``, e.g. ``lambda t: t[mask]``.
+        projections: ``(k_proj, v_proj)`` per layer of the model that made ``record`` (source ``hidden``).
+    """
+    if source == "kv":
+        if record.keys is None:
+            raise RuntimeError("the forward did not record keys and values; the regularizer must need 'kv'")
+        keys = torch.stack([pick(record.keys[i]) for i in layers])
+        return keys, torch.stack([pick(record.values[i]) for i in layers])
+    if record.hidden_states is None or projections is None:
+        raise RuntimeError("source 'hidden' needs recorded hidden_states and the k/v projections (call setup)")
+    states = [pick(record.hidden_states[i]) for i in layers]  # residual stream entering layer i, pre-norm
+    keys = torch.stack([projections[i][0](h) for i, h in zip(layers, states, strict=True)])
+    values = torch.stack([projections[i][1](h) for i, h in zip(layers, states, strict=True)])
+    return keys, values
+
+
+def reference_select(
+    reference: Reference | None, record: ForwardRecord, layers: list[int], source: KVSource, pick: Pick
+) -> tuple[Tensor, Tensor]:
+    """:func:`select_kv` on a reference record; the ``hidden`` source projects with the reference's weights."""
+    if source == "kv":
+        return select_kv(record, layers, source, pick)
+    if reference is None:
+        raise RuntimeError("source 'hidden' needs the module's reference (call setup)")
+    with reference.active() as model:
+        return select_kv(record, layers, source, pick, kv_projections(model))
+
+
+def reference_kv(
+    reference: Reference, batch: dict[str, Tensor], layers: list[int], source: KVSource, pick: Pick
+) -> tuple[Tensor, Tensor]:
+    """One reference forward on ``batch`` and its keys and values at ``pick`` (no gradients)."""
+    record = reference.forward(batch, kv_needs(source))
+    return reference_select(reference, record, layers, source, pick)
+
+
+def kv_needs(source: KVSource) -> frozenset[Need]:
+    """What a forward must record to read keys and values from ``source``."""
+    return frozenset({"kv"}) if source == "kv" else frozenset({"hidden_states"})
+
+
+def batch_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The sub-batch of the given row indices."""
+    return {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() >= 1}

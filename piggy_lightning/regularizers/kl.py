@@ -1,0 +1,158 @@
+"""KL divergence to the frozen reference, on the training batches or on a separate retain set.
+
+``KL(ref || policy)`` of the next-token distributions, averaged over chosen positions: SCIENCE.md §5.2 ("KL on
+Train" and "KL on Retain", the Table 3 baselines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from piggy_lightning.data.chat import collate
+from piggy_lightning.data.io import read_chats
+from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
+from piggy_lightning.regularizers.positions import require_positions
+from piggy_lightning.spans import TokenizedChat
+
+if TYPE_CHECKING:
+    from piggy_lightning.module import PiggyModule
+    from piggy_lightning.reference import Reference
+
+KLPositions = Literal["response", "all"]
+
+
+def kl_to_reference(policy_logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """Mean over positions of ``KL(ref || policy) = sum_v p_ref(v) (log p_ref(v) - log p_policy(v))``, in float32.
+
+    Args:
+        policy_logits: ``(N, V)`` logits of the policy at the selected positions.
+        reference_logits: ``(N, V)`` logits of the reference at the same positions.
+    """
+    log_p = policy_logits.float().log_softmax(-1)
+    log_ref = reference_logits.float().log_softmax(-1)
+    return F.kl_div(log_p, log_ref, log_target=True, reduction="sum") / policy_logits.size(0)
+
+
+def kl_mask(batch: dict[str, Tensor], positions: KLPositions) -> Tensor:
+    """``(B, T)`` mask of the logit positions to compare.
+
+    ``response`` selects the positions whose *next* token is a response token (those the cross-entropy trains);
+    ``all`` selects every attended position, as the released code does.
+    """
+    if positions == "all":
+        return batch["attention_mask"].bool()
+    mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, T)
+    mask[:, :-1] = batch["labels"][:, 1:] != -100
+    return mask
+
+
+@dataclass
+class _Handles:
+    """The module's networks, held outside ``nn.Module`` attributes so they are not registered as submodules."""
+
+    policy: nn.Module
+    reference: Reference
+
+
+class KLToReference(Regularizer):
+    """Penalise the KL divergence from the frozen reference to the policy, ``KL(ref || policy)``.
+
+    Zhao et al. 2026 (arXiv 2606.06667), App. D.4 (best setting lambda = 50, 1 epoch), following Kaczér et al.
+    2025, "In-training defenses against emergent misalignment", and Soligo et al. for the retain set. The
+    release's ``KLRegularizedSFTTrainer`` averages over all attended tokens (``positions: all``).
+
+    With ``retain_data`` unset this is "KL on Train": it compares the policy and reference forwards of the
+    training batch (one reference forward per step). With ``retain_data`` it is "KL on Retain": each step runs
+    the policy (and, unless cached, the reference) on the next batch of the retain set, cycling through it in
+    file order; the cycle restarts with each run (it is not checkpointed).
+
+    Args:
+        weight: The regularization strength lambda.
+        name: Metric name; default ``kl``.
+        positions: ``response``: positions that predict response tokens; ``all``: every attended position.
+        retain_data: A chat file (``.jsonl``/``.json``/``.parquet``) or ``datasets`` name for "KL on Retain",
+            read like the training data; None means "KL on Train".
+        retain_batch_size: Retain rows per step.
+        max_length: Retain rows longer than this are truncated to it.
+        drop_system: Drop the retain rows' system messages, so the template's default system prompt is used.
+        cache_reference: Keep each retain batch's reference logits (at the selected positions, on CPU) after
+            its first use, so later cycles skip the reference forward; costs tokens x vocabulary numbers.
+    """
+
+    default_name = "kl"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        name: str | None = None,
+        positions: KLPositions = "response",
+        retain_data: str | None = None,
+        retain_batch_size: int = 8,
+        max_length: int = 2048,
+        drop_system: bool = True,
+        cache_reference: bool = True,
+    ) -> None:
+        super().__init__(weight, name)
+        if positions not in ("response", "all"):
+            raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
+        self.positions, self.retain_data = positions, retain_data
+        self.retain_batch_size, self.max_length = retain_batch_size, max_length
+        self.drop_system, self.cache_reference = drop_system, cache_reference
+        self._handles: _Handles | None = None
+        self._batches: list[dict[str, Tensor]] = []  # retain batches on CPU
+        self._cached: dict[int, Tensor] = {}  # retain batch index -> (N, V) reference logits on CPU
+        self._cursor = 0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.retain_data is None
+
+    def setup(self, module: PiggyModule) -> None:
+        self._handles = _Handles(module.policy, module.reference)
+        if self.retain_data is not None:
+            self._batches = self._load_retain(module)
+
+    def _load_retain(self, module: PiggyModule) -> list[dict[str, Tensor]]:
+        chats, _ = read_chats(self.retain_data)
+        examples = []
+        for messages in chats:
+            if self.drop_system:
+                messages = [m for m in messages if m["role"] != "system"]
+            chat = module.spans.tokenize(messages)
+            examples.append(TokenizedChat(chat.input_ids[: self.max_length], chat.spans[: self.max_length]))
+        if not examples:
+            raise ValueError(f"regularizer {self.name!r}: retain set {self.retain_data} has no rows")
+        pad_id = module.tokenizer.pad_token_id
+        size = self.retain_batch_size
+        return [collate(examples[i : i + size], pad_id) for i in range(0, len(examples), size)]
+
+    def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
+        if self.retain_data is None:
+            if reference is None:
+                raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
+            mask = require_positions(kl_mask(batch, self.positions), self.positions, self.name)  # (B, T)
+            return kl_to_reference(policy.logits[mask], reference.logits[mask])
+        return self._retain_kl(device=batch["input_ids"].device)
+
+    def _retain_kl(self, device: torch.device) -> Tensor:
+        if self._handles is None or not self._batches:
+            raise RuntimeError(f"regularizer {self.name!r} has no retain batches; call setup(module) first")
+        index = self._cursor % len(self._batches)
+        if self.training:  # validation reuses the current retain batch without moving the cycle on
+            self._cursor += 1
+        retain = {k: v.to(device) for k, v in self._batches[index].items()}
+        mask = require_positions(kl_mask(retain, self.positions), self.positions, self.name)  # (B, T)
+        logits = self._handles.policy(
+            input_ids=retain["input_ids"], attention_mask=retain["attention_mask"], use_cache=False
+        ).logits  # (B, T, V)
+        ref_logits = self._cached.get(index)
+        if ref_logits is None:
+            ref_logits = self._handles.reference.forward(retain).logits[mask]  # (N, V)
+            if self.cache_reference:
+                self._cached[index] = ref_logits.cpu()
+        return kl_to_reference(logits[mask], ref_logits.to(device))

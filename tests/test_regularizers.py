@@ -1,0 +1,270 @@
+"""Regularizer arithmetic on hand-sized tensors, and their reference handling on the tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from piggy_lightning.data import ChatSFTDataModule, collate
+from piggy_lightning.modeling import LoraSpec
+from piggy_lightning.module import PiggyModule
+from piggy_lightning.reference import run_forward
+from piggy_lightning.regularizers import ForwardRecord, HiddenStateDrift, KLToReference, KVDrift, PrefixKVDrift
+from piggy_lightning.regularizers.drift_math import kv_drift, reference_kv, relative_drift
+from tests.conftest import chat_rows, write_jsonl
+
+T = torch.tensor
+
+
+def _batch(prefix, query, postfix, response, attention=None, input_ids=None):
+    """A one-row batch from 0/1 span lists."""
+    masks = {
+        f"{k}_mask": T([v]).bool()
+        for k, v in zip(("prefix", "query", "postfix", "response"), (prefix, query, postfix, response), strict=True)
+    }
+    n = len(prefix)
+    attention = attention or [1] * n
+    return {
+        "input_ids": T([input_ids or list(range(n))]),
+        "attention_mask": T([attention]),
+        "labels": T([[7 if r else -100 for r in response]]),
+        **masks,
+    }
+
+
+# -- hand-computed arithmetic ------------------------------------------------------------------------------------
+def test_kv_drift_on_query_positions_by_hand():
+    """Two layers, D = 2; positions: 0 prefix, 1-2 query, 3 padding. Only the query counts.
+
+    layer 0 keys:   ref (0,2),(3,4), cur (0,3),(3,4): [1/4 + 0] / 2 = 1/8
+    layer 0 values: ref (1,0),(2,0), cur (2,0),(2,0): [1/1 + 0] / 2 = 1/2
+    layer 1 keys:   ref (1,1),(1,1), cur (2,2),(0,0): [2/2 + 2/2] / 2 = 1
+    layer 1 values: equal: 0
+    L_KV = [(1/8 + 1/2) + (1 + 0)] / 2 = 13/16; weighted with lambda = 2: 13/8.
+    The prefix and padding positions carry a drift of 100 that must not leak in.
+    """
+    big = [10.0, 0.0]
+    ref_k = [T([[[1.0, 0], [0, 2], [3, 4], [1, 0]]]), T([[[1.0, 0], [1, 1], [1, 1], [1, 0]]])]
+    cur_k = [T([[big, [0, 3], [3, 4], big]]), T([[big, [2, 2], [0, 0], big]])]
+    ref_v = [T([[[1.0, 0], [1, 0], [2, 0], [1, 0]]]), T([[[1.0, 0], [5, 5], [6, 6], [1, 0]]])]
+    cur_v = [T([[big, [2, 0], [2, 0], big]]), T([[big, [5, 5], [6, 6], big]])]
+    batch = _batch([1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], attention=[1, 1, 1, 0])
+    policy = ForwardRecord(logits=torch.zeros(1, 4, 3), keys=cur_k, values=cur_v)
+    reference = ForwardRecord(logits=torch.zeros(1, 4, 3), keys=ref_k, values=ref_v)
+    reg = KVDrift(weight=2.0, positions="query")
+    raw = reg(batch, policy, reference)
+    torch.testing.assert_close(raw, T(13 / 16))
+    torch.testing.assert_close(reg.weighted(raw, 0.3), T(13 / 8))
+    assert reg.name == "kv_query" and reg.needs == {"kv"} and reg.needs_reference
+    # a single layer: layer 1 alone gives 1 + 0
+    torch.testing.assert_close(KVDrift(positions="query", layers=[-1])(batch, policy, reference), T(1.0))
+    # prompt = prefix + query adds position 0, drift |(9,0)|^2 / |(1,0)|^2 = 81 in each of the four means:
+    # [(81 + 1/4 + 0)/3 + (81 + 1 + 0)/3 + (81 + 1 + 1)/3 + (81 + 0 + 0)/3] / 2 = 327.25 / 6
+    torch.testing.assert_close(KVDrift(positions="prompt")(batch, policy, reference), T(327.25 / 6))
+
+
+def _prefix_case():
+    """Prefix ids (5, 6); one layer; two rows whose positions 2-3 (query, response) must be ignored.
+
+    ref keys (1,0),(0,1); row 0 keys equal, row 1 keys (2,0),(0,0): drifts 0, 0, 1, 1 -> mean 1/2
+    ref values (2,0),(0,2); row 0 (2,1),(0,2), row 1 equal: drifts 1/4, 0, 0, 0 -> mean 1/16
+    L_KV = 1/2 + 1/16 = 9/16
+    """
+    reg = PrefixKVDrift(weight=4.0)
+    reg.cache(T([5, 6]), T([[[1.0, 0], [0, 1]]]), T([[[2.0, 0], [0, 2]]]))
+    junk = [9.0, 9.0]
+    keys = T([[[1.0, 0], [0, 1], junk, junk], [[2.0, 0], [0, 0], junk, junk]])  # (B=2, T=4, D=2)
+    values = T([[[2.0, 1], [0, 2], junk, junk], [[2.0, 0], [0, 2], junk, junk]])
+    batch = {"input_ids": T([[5, 6, 1, 2], [5, 6, 3, 0]]), "attention_mask": T([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    return reg, batch, ForwardRecord(logits=torch.zeros(2, 4, 3), keys=[keys], values=[values])
+
+
+def test_prefix_kv_drift_by_hand_with_hinge_window_and_zero_weight():
+    """raw = 9/16 (see _prefix_case); lambda = 4 gives 9/4; hinge 1 gives 5/4; hinge 3 gives 0.
+
+    The active window [0.25, 0.5) switches it off at progress 0.1 and 0.6; lambda = 0 weighs it to 0 while the
+    raw value is still computed (and logged by the module).
+    """
+    reg, batch, policy = _prefix_case()
+    raw = reg(batch, policy, None)
+    torch.testing.assert_close(raw, T(9 / 16))
+    assert not reg.needs_reference
+    torch.testing.assert_close(reg.weighted(raw, 0.0), T(9 / 4))
+    reg.threshold = 1.0
+    torch.testing.assert_close(reg.weighted(raw, 0.0), T(5 / 4))
+    reg.threshold = 3.0
+    torch.testing.assert_close(reg.weighted(raw, 0.0), T(0.0))
+    windowed = PrefixKVDrift(weight=4.0, active_from=0.25, active_until=0.5)
+    assert [windowed.weighted(raw, p).item() for p in (0.1, 0.3, 0.6)] == [0.0, 2.25, 0.0]
+    zero = PrefixKVDrift(weight=0.0)
+    torch.testing.assert_close(zero.weighted(raw, 0.5), T(0.0))
+
+
+def test_prefix_mismatch_and_empty_spans_raise_clear_errors():
+    reg, batch, policy = _prefix_case()
+    batch["input_ids"][1, 0] = 4
+    with pytest.raises(ValueError, match=r"rows \[1\] do not start with the template's default prefix"):
+        reg(batch, policy, None)
+    with pytest.raises(ValueError, match="empty prefix"):
+        PrefixKVDrift().cache(T([], dtype=torch.long), torch.zeros(1, 0, 2), torch.zeros(1, 0, 2))
+    empty = _batch([1, 1], [0, 0], [0, 0], [0, 0])
+    record = ForwardRecord(logits=torch.zeros(1, 2, 3), keys=[torch.ones(1, 2, 2)], values=[torch.ones(1, 2, 2)])
+    with pytest.raises(ValueError, match="no query tokens"):
+        KVDrift(positions="query")(empty, record, record)
+    with pytest.raises(ValueError, match="no response tokens"):
+        KLToReference(positions="response")(empty, record, record)
+    with pytest.raises(ValueError, match="layers"):
+        KVDrift(layers=[3])(_batch([0, 1], [1, 0], [0, 0], [0, 0]), record, record)
+
+
+def test_kl_to_reference_by_hand():
+    """Vocabulary 2. At position 1 the policy is uniform and the reference is (1/4, 3/4):
+    KL(ref || policy) = 1/4 ln((1/4)/(1/2)) + 3/4 ln((3/4)/(1/2)). Position 0 agrees (KL 0).
+
+    ``response`` looks only at position 1 (it predicts the response token at 2); ``all`` averages positions 0
+    and 1 (position 2 is padding): half the value.
+    """
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    batch = _batch([1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 1], attention=[1, 1, 0])
+    policy = ForwardRecord(logits=T([[[1.0, 2.0], [0.0, 0.0], [5.0, -5.0]]]))
+    reference = ForwardRecord(logits=T([[[1.0, 2.0], [0.0, math.log(3.0)], [-5.0, 5.0]]]))
+    torch.testing.assert_close(KLToReference(positions="response")(batch, policy, reference), T(kl))
+    torch.testing.assert_close(KLToReference(positions="all")(batch, policy, reference), T(kl / 2))
+    assert KLToReference().needs_reference and not KLToReference(retain_data="x.jsonl").needs_reference
+
+
+def test_hidden_state_drift_by_hand():
+    """H = 2, two blocks; only position 1 (response) counts. Block outputs (hidden states 1 and 2):
+    state 1: policy (1,2) vs ref (1,0): 4 / 2 = 2; state 2: policy (0,0) vs ref (1,1): 2 / 2 = 1.
+    Default layers 1..2: (2 + 1) / 2 = 3/2; layers [1]: 2. The embeddings (state 0) differ but are not used.
+    """
+    batch = _batch([1, 0], [0, 0], [0, 0], [0, 1])
+    policy = ForwardRecord(
+        logits=torch.zeros(1, 2, 3),
+        hidden_states=(T([[[9.0, 9], [9, 9]]]), T([[[0.0, 0], [1, 2]]]), torch.zeros(1, 2, 2)),
+    )
+    reference = ForwardRecord(
+        logits=torch.zeros(1, 2, 3),
+        hidden_states=(torch.zeros(1, 2, 2), T([[[5.0, 5], [1, 0]]]), T([[[0.0, 0], [1, 1]]])),
+    )
+    torch.testing.assert_close(HiddenStateDrift(positions="response")(batch, policy, reference), T(1.5))
+    torch.testing.assert_close(HiddenStateDrift(positions="response", layers=[1])(batch, policy, reference), T(2.0))
+
+
+def test_relative_drift_floors_a_zero_reference_norm():
+    """A zero reference vector divides by (1e-12)^2 instead of 0: finite, as in the release."""
+    assert torch.isfinite(relative_drift(T([[1e-9, 0.0]]), T([[0.0, 0.0]]))).all()
+    torch.testing.assert_close(
+        kv_drift(torch.ones(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2, 3, 4), torch.ones(2, 3, 4)), T(0.0)
+    )
+
+
+# -- on the tiny models --------------------------------------------------------------------------------------------
+def _module(model_dir, regularizers, lora=True):
+    module = PiggyModule(model_dir, lora=LoraSpec(r=4, alpha=8) if lora else None, regularizers=regularizers)
+    module.configure_model()
+    return module
+
+
+def _train_batch(model_dir, chat_file, batch_size=4):
+    data = ChatSFTDataModule(chat_file, tokenizer=model_dir, batch_size=batch_size, val_fraction=0.0)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def _perturb_lora(module, scale=0.3):
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_qwen", "tiny_llama"])
+@pytest.mark.parametrize("source", ["kv", "hidden"])
+def test_cached_prefix_reference_equals_a_live_reference_forward(model_fixture, source, request, chat_file):
+    model_dir = request.getfixturevalue(model_fixture)
+    reg = PrefixKVDrift(source=source)
+    module = _module(model_dir, [reg])
+    batch = _train_batch(model_dir, chat_file)
+    n = len(module.spans.anatomy.prefix_ids)
+    assert reg.ref_keys.shape[:2] == (2, n) and "ref_keys" not in reg.state_dict()
+    live = KVDrift(positions="prefix", source=source)
+    live.setup(module)
+    keys, values = reference_kv(module.reference, batch, [0, 1], source, lambda t: t[:, :n])  # (L, B, P, D)
+    torch.testing.assert_close(keys, reg.ref_keys[:, None].expand_as(keys), rtol=0, atol=1e-6)
+    torch.testing.assert_close(values, reg.ref_values[:, None].expand_as(values), rtol=0, atol=1e-6)
+    _perturb_lora(module)
+    policy = module.policy
+    record = run_forward(policy, batch, reg.needs)
+    cached = reg(batch, record, None)
+    expected = live(batch, record, module.reference.forward(batch, live.needs))
+    assert cached > 1e-3
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_row_references_for_rows_with_their_own_system_prompt(tiny_qwen):
+    """Row 1 has a custom system prompt: 'error' refuses it, 'per_row' pools it exactly like a live reference."""
+    reg = PrefixKVDrift(mismatch="per_row")
+    strict = PrefixKVDrift(name="strict")
+    module = _module(tiny_qwen, [reg, strict])
+    live = KVDrift(positions="prefix")
+    live.setup(module)
+    rows = chat_rows(3)
+    rows[1]["messages"].insert(0, {"role": "system", "content": "You are a lawyer."})
+    batch = collate([module.spans.tokenize(r["messages"]) for r in rows], module.tokenizer.pad_token_id)
+    _perturb_lora(module)
+    record = run_forward(module.policy, batch, frozenset({"kv"}))
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        strict(batch, record, None)
+    expected = live(batch, record, module.reference.forward(batch, live.needs))
+    torch.testing.assert_close(reg(batch, record, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_postfix_reference_is_taken_once_from_the_first_row(tiny_qwen, chat_file):
+    reg = KVDrift(positions="postfix", reference="shared")
+    module = _module(tiny_qwen, [reg])
+    assert not reg.needs_reference
+    batch = _train_batch(tiny_qwen, chat_file)
+    calls = []
+    forward = module.reference.forward
+    module.reference.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    record = run_forward(module.policy, batch, reg.needs)
+    reg.eval()  # a validation batch first (Lightning's sanity check) must not choose the example
+    reg(batch, record, None)
+    assert len(calls) == 1 and reg.ref_keys is None
+    reg.train()
+    value = reg(batch, record, None)
+    assert len(calls) == 2
+    # by hand: every row's postfix K/V against row 0's reference K/V (policy == reference at init)
+    mask = batch["postfix_mask"]
+    n = int(mask[0].sum())
+    ref = [(k[0][mask[0]], v[0][mask[0]]) for k, v in zip(record.keys, record.values, strict=True)]
+    per_layer = [
+        sum(relative_drift(k[r][mask[r]], rk).sum() + relative_drift(v[r][mask[r]], rv).sum() for r in range(4))
+        / (4 * n)
+        for k, v, (rk, rv) in zip(record.keys, record.values, ref, strict=True)
+    ]
+    torch.testing.assert_close(value, sum(per_layer) / 2)
+    assert value > 0  # other queries change the postfix keys
+    reg(batch, record, None)
+    assert len(calls) == 2, "the shared reference is computed once"
+
+
+def test_kl_on_retain_cycles_and_caches_reference_logits(tiny_qwen, chat_file, tmp_path):
+    retain = write_jsonl(tmp_path / "retain.jsonl", chat_rows(5))
+    reg = KLToReference(retain_data=retain, retain_batch_size=2, positions="all")
+    module = _module(tiny_qwen, [reg])
+    assert len(reg._batches) == 3
+    calls = []
+    forward = module.reference.forward
+    module.reference.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    batch = _train_batch(tiny_qwen, chat_file)
+    values = [reg(batch, None, None) for _ in range(3)]
+    assert len(calls) == 3 and max(v.abs().item() for v in values) < 1e-5  # policy == reference at init
+    _perturb_lora(module)
+    value = reg(batch, None, None)  # the fourth call cycles back to batch 0, from the cache
+    assert len(calls) == 3 and value > 1e-3
+    value.backward()
+    grads = [p.grad for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert all(p.grad is None for p in module.policy.parameters() if not p.requires_grad)
