@@ -1,6 +1,7 @@
 """Lightning callbacks chosen by class path in ``trainer.callbacks`` (presets live in the top-level ``callbacks/``)."""
 
 from piggy_lightning.callbacks.drift_monitor import KVDriftMonitor
+from piggy_lightning.callbacks.evaluation import Evaluate
 from piggy_lightning.callbacks.export import ExportPretrained
 
-__all__ = ["ExportPretrained", "KVDriftMonitor"]
+__all__ = ["Evaluate", "ExportPretrained", "KVDriftMonitor"]

@@ -1,0 +1,34 @@
+"""Evaluation: question sets, batched generation with a shared-prefix cache, judges, metrics and reports.
+
+Entry point for code: :class:`Evaluation` (``run(model, tokenizer, spans, out_dir, model_id, ...)``); for
+training runs: the ``piggy_lightning.callbacks.evaluation.Evaluate`` callback.
+"""
+
+from piggy_lightning.evaluation.generation import Decoding, generate_responses
+from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
+from piggy_lightning.evaluation.metrics import GroupMetrics, MisalignedRate, StatusCounts, em_f1, summarize
+from piggy_lightning.evaluation.questions import BetleyQuestions, HeldOutChats, PromptList, Question, QuestionSet
+from piggy_lightning.evaluation.results import ResponseLog, record_key
+from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
+
+__all__ = [
+    "BetleyQuestions",
+    "Decoding",
+    "Evaluation",
+    "EvaluationReport",
+    "GenerationIntervention",
+    "GroupMetrics",
+    "HeldOutChats",
+    "KVCache",
+    "MisalignedRate",
+    "PromptBatch",
+    "PromptList",
+    "Question",
+    "QuestionSet",
+    "ResponseLog",
+    "StatusCounts",
+    "em_f1",
+    "generate_responses",
+    "record_key",
+    "summarize",
+]

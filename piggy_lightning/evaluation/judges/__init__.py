@@ -1,0 +1,36 @@
+"""Judges: the interface, an OpenAI-compatible HTTP judge, a local-LM judge, rule detectors and the judge cache."""
+
+from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeRequest, JudgeStatus
+from piggy_lightning.evaluation.judges.cache import JudgeCache, judge_with_cache
+from piggy_lightning.evaluation.judges.local import LocalJudge
+from piggy_lightning.evaluation.judges.openai import OpenAIJudge
+from piggy_lightning.evaluation.judges.prompts import PROMPTS, render, template_for
+from piggy_lightning.evaluation.judges.rules import (
+    AbstentionDetector,
+    CascadeJudge,
+    RefusalDetector,
+    RegexJudge,
+    ToolCallDetector,
+)
+from piggy_lightning.evaluation.judges.scoring import score_from_logprobs, score_from_text
+
+__all__ = [
+    "PROMPTS",
+    "AbstentionDetector",
+    "CascadeJudge",
+    "Judge",
+    "JudgeCache",
+    "JudgeRequest",
+    "JudgeStatus",
+    "Judgement",
+    "LocalJudge",
+    "OpenAIJudge",
+    "RefusalDetector",
+    "RegexJudge",
+    "ToolCallDetector",
+    "judge_with_cache",
+    "render",
+    "score_from_logprobs",
+    "score_from_text",
+    "template_for",
+]

@@ -66,6 +66,10 @@ class Judge(ABC):
         """The metrics this judge can score, or None for any metric with a prompt template."""
         return None
 
+    def check(self) -> None:
+        """Raise now if the judge cannot run (e.g. its API key is missing); called before any generation."""
+        return None
+
     @abstractmethod
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
         """Return one judgement per request, in order. Must not raise for a single failing request."""
