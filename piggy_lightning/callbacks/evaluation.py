@@ -30,20 +30,20 @@ ranks wait at a barrier.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.evaluation.generation import Decoding
 from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.judges.base import Judge
+from piggy_lightning.evaluation.metrics import format_summary
 from piggy_lightning.evaluation.questions import QuestionSet
 from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
 
-log = logging.getLogger(__name__)
 Moment = Literal["train_start", "fit_end", "test"]
 
 
@@ -216,5 +216,5 @@ class Evaluate(Callback):
             if self.samples_logged and hasattr(experiment, "add_text"):
                 for group, table in sample_table(report.records, self.samples_logged).items():
                     experiment.add_text(f"{self.name}{suffix}/samples/{group}", table, trainer.global_step)
-        general = report.summary["groups"].get("general", {})
-        log.info("%s%s at step %d: %s", self.name, suffix, trainer.global_step, general or report.summary["groups"])
+        title = f"{self.name}{suffix} at step {trainer.global_step} -> {report.out_dir}"
+        rank_zero_info(format_summary(report.summary, title))

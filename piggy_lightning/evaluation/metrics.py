@@ -169,3 +169,17 @@ def summarize(
     if general.get("alignment") is not None and in_domain.get("alignment") is not None:
         summary["em_f1"] = em_f1(in_domain["alignment"], general["alignment"])
     return summary
+
+
+def format_summary(summary: dict[str, Any], title: str = "") -> str:
+    """A small fixed-width table of a :func:`summarize` result: alignment, coherence and answers per group."""
+    lines = [title] if title else []
+    lines.append(f"{'group':<14}{'n':>5}{'alignment':>11}{'coherence':>11}{'misaligned%':>13}")
+    for group, m in summary["groups"].items():
+        cells = [m.get("alignment"), m.get("coherence"), m.get("misaligned_rate")]
+        a, c, r = (f"{v:.1f}" if v is not None else "-" for v in cells)
+        r = f"{100 * cells[2]:.1f}" if cells[2] is not None else "-"
+        lines.append(f"{group:<14}{m.get('n', 0):>5}{a:>11}{c:>11}{r:>13}")
+    if "em_f1" in summary:
+        lines.append(f"EM-F1 = {summary['em_f1']:.1f}")
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from piggy_lightning.data.io import DataError, read_chats
+from piggy_lightning.data.io import DataError, read_chats, resolve_source
 
 _TEXT_FIELDS = ("question", "prompt", "query", "content", "text")
 
@@ -65,7 +65,7 @@ class QuestionSet(ABC):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        self.path = path
+        self.path = resolve_source(path)  # piggy/organism/<file> names a shipped file
         self.group = group
         self.metrics = tuple(metrics) if metrics else None
         self.limit = limit
