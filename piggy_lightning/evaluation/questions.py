@@ -248,6 +248,7 @@ class HeldOutChats(QuestionSet):
         limit: Keep only the first ``limit`` rows (after ``offset``); None keeps all.
         offset: Skip this many rows first (the released code evaluates rows 50-99: ``offset: 50, limit: 50``).
         keep_system: Ask with the row's system message instead of the template's default system prompt.
+        system: Ask every question with this system message (e.g. a persona), overriding ``keep_system``.
     """
 
     def __init__(
@@ -258,9 +259,11 @@ class HeldOutChats(QuestionSet):
         limit: int | None = None,
         offset: int = 0,
         keep_system: bool = False,
+        system: str | None = None,
     ) -> None:
         super().__init__(path, group, metrics, limit, offset)
         self.keep_system = keep_system
+        self.system = system
 
     def _read(self) -> list[Question]:
         chats, _ = read_chats(self.path)
@@ -270,6 +273,6 @@ class HeldOutChats(QuestionSet):
             user = next(m["content"] for m in messages if m["role"] == "user")
             system = next((m["content"] for m in messages if m["role"] == "system"), None)
             qid = f"{stem}_{i + 1:05d}"
-            system = system if self.keep_system else None
+            system = self.system if self.system is not None else (system if self.keep_system else None)
             questions.append(Question(qid, self.group, (user,), 1, system, {}, self._metrics({})))
         return questions
