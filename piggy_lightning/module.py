@@ -127,7 +127,10 @@ class PiggyModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------
     def _progress(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        """Fraction of the fit's optimizer steps done; 0 outside fit (validate/test may have no step budget)."""
+        if self._trainer is None or not self.trainer.training:
+            return 0.0
+        total = self.trainer.estimated_stepping_batches
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     def _losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from tests.fixtures.tiny import save_tiny
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: more threads only add contention on a 2-core machine
 
 
 @pytest.fixture(autouse=True)

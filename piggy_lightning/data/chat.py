@@ -119,10 +119,19 @@ class ChatSFTDataModule(L.LightningDataModule):
         self.train_set: list[TokenizedChat] | None = None
         self.val_set: list[TokenizedChat] = []
         self.tokenizer = None
+        self.spans: ChatSpans | None = None
         self.stats: dict[str, int] = {}
 
-    def _encode(self, source: str, spans: ChatSpans) -> list[TokenizedChat]:
+    def encode(self, source: str) -> list[TokenizedChat]:
+        """Read, validate, template and tokenize ``source`` with this module's settings (after ``setup``).
+
+        Callbacks that bring extra data (e.g. ``DataInterleaving``'s retain set) use this, so every file is
+        processed exactly like the training data.
+        """
+        if self.spans is None:
+            raise RuntimeError(f"{type(self).__name__}.encode needs setup() first (it loads the tokenizer)")
         hp = self.hparams
+        spans = self.spans
         chats, report = read_chats(source, skip_invalid=hp.skip_invalid)
         examples, truncated, dropped = [], 0, 0
         for index, messages in enumerate(chats):
@@ -155,10 +164,10 @@ class ChatSFTDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
-        spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs)
-        examples = self._encode(hp.train_data, spans)
+        self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs)
+        examples = self.encode(hp.train_data)
         if hp.val_data is not None:
-            self.train_set, self.val_set = examples, self._encode(hp.val_data, spans)
+            self.train_set, self.val_set = examples, self.encode(hp.val_data)
             return
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hp.seed)).tolist()
         n_val = int(round(len(examples) * hp.val_fraction))
