@@ -109,7 +109,42 @@ def write_comparison(trainer: L.Trainer, path: Path, runs: dict[str, EvaluationR
     log.info("%s\n%s", title, table)
 
 
-class ActivationPatching(Callback):
+class EvaluatesAt(Callback):
+    """Plumbing shared by the callbacks that evaluate under interventions through the experiment's ``Evaluate``.
+
+    It finds the ``Evaluate`` callback named ``evaluate`` in ``setup`` (failing fast), and calls :meth:`run` at the
+    end of fit and/or at test, as listed in ``at``. Subclasses implement :meth:`run`.
+    """
+
+    def __init__(self, at: list[PatchMoment] | None, evaluate: str, name: str) -> None:
+        self.at = set(at if at is not None else ["test"])
+        self.evaluate_name = evaluate
+        self.name = name
+        self._evaluate: Evaluate | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_reference(pl_module, type(self).__name__)
+        if self.at:
+            self._evaluate = find_evaluate(trainer, self.evaluate_name, type(self).__name__)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "fit_end" in self.at:
+            self.run(trainer, pl_module, "fit_end")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "test" in self.at:
+            self.run(trainer, pl_module, "test")
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> Any:
+        """Evaluate under this callback's interventions now."""
+        raise NotImplementedError
+
+
+class ActivationPatching(EvaluatesAt):
     """Evaluates with the reference model's activations patched in at chosen sites, next to the unpatched baseline.
 
     Args:
@@ -133,18 +168,7 @@ class ActivationPatching(Callback):
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"patch sites repeat: {names}")
-        self.at = set(at if at is not None else ["test"])
-        self.evaluate_name = evaluate
-        self.name = name
-        self._evaluate: Evaluate | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._evaluate = find_evaluate(trainer, self.evaluate_name, type(self).__name__)
-        require_reference(pl_module, type(self).__name__)
+        super().__init__(at, evaluate, name)
 
     def interventions(self, pl_module: L.LightningModule) -> list[GenerationIntervention]:
         """One intervention per site, bound to the module's reference (which exists once the model is built)."""
@@ -162,14 +186,6 @@ class ActivationPatching(Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.interventions(pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "fit_end" in self.at:
-            self.run(trainer, pl_module, "fit_end")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "test" in self.at:
-            self.run(trainer, pl_module, "test")
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict[str, EvaluationReport | None]:
         """Evaluate unpatched and under every site now; returns the reports by intervention name (None off rank 0)."""

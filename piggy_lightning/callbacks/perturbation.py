@@ -30,12 +30,11 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from piggy_lightning.callbacks.evaluation import Evaluate
-from piggy_lightning.callbacks.patching import PatchMoment, find_evaluate, require_reference
+from piggy_lightning.callbacks.patching import EvaluatesAt, PatchMoment
 from piggy_lightning.evaluation.runner import EvaluationReport
 from piggy_lightning.interventions.perturbation import (
     NearestNeighbours,
@@ -67,7 +66,7 @@ def best_and_average(records: list[dict], metric: str) -> dict[str, dict[str, fl
     return out
 
 
-class TokenPerturbation(Callback):
+class TokenPerturbation(EvaluatesAt):
     """Perturbs one prompt segment with near-embedding (or random) tokens: evaluated as Best/Avg, or while training.
 
     Args:
@@ -112,23 +111,11 @@ class TokenPerturbation(Callback):
         self.segment, self.n_tokens, self.replacement = segment, n_tokens, replacement
         self.k, self.similarity, self.trials = k, similarity, trials
         self.temperature, self.top_p = temperature, top_p
-        self.at = set(at if at is not None else ["test"])
+        super().__init__(at, evaluate, name or f"perturb_{segment}_{replacement}")
         self.train_rate, self.seed, self.metric = train_rate, seed, metric
-        self.evaluate_name = evaluate
-        self.name = name or f"perturb_{segment}_{replacement}"
         self.last_scores: dict[str, dict[str, float]] = {}
-        self._evaluate: Evaluate | None = None
         self._trials_evaluate: Evaluate | None = None
         self._train_replacer: Replacer | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_reference(pl_module, type(self).__name__)
-        if self.at:
-            self._evaluate = find_evaluate(trainer, self.evaluate_name, type(self).__name__)
 
     def replacer(self, pl_module: L.LightningModule) -> Replacer:
         """The replacement rule over the policy's current input embeddings and its tokenizer's vocabulary."""
@@ -157,14 +144,6 @@ class TokenPerturbation(Callback):
         batch["input_ids"] = perturb_tokens(batch["input_ids"], mask, self.n_tokens, self._train_replacer, generator)
 
     # -- evaluation ------------------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "fit_end" in self.at:
-            self.run(trainer, pl_module, "fit_end")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "test" in self.at:
-            self.run(trainer, pl_module, "test")
-
     def _trials(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluate:
         """An ``Evaluate`` like the configured one, with ``trials`` samples per prompt and this callback's sampling."""
         if self._trials_evaluate is None:

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from piggy_lightning.callbacks.evaluation import Evaluate
-from piggy_lightning.callbacks.patching import PatchMoment, baseline_report, find_evaluate, require_reference
+from piggy_lightning.callbacks.patching import EvaluatesAt, PatchMoment, baseline_report
 from piggy_lightning.evaluation.runner import EvaluationReport
 from piggy_lightning.interventions.patching import ActivationPatch
 from piggy_lightning.interventions.plot import line_chart, write_png
@@ -41,7 +39,7 @@ def _value(report: EvaluationReport | None, group: str, metric: str) -> float | 
     return report.summary["groups"].get(group, {}).get(metric)
 
 
-class ResidualPatchingSweep(Callback):
+class ResidualPatchingSweep(EvaluatesAt):
     """Sweeps the layers, patching one layer's residual stream at a time, and logs the metric per layer.
 
     Args:
@@ -69,21 +67,10 @@ class ResidualPatchingSweep(Callback):
         self.layers = layers
         self.component = component
         self.positions = positions
-        self.at = set(at if at is not None else ["test"])
-        self.evaluate_name = evaluate
+        super().__init__(at, evaluate, name)
         self.group = group
         self.metric = metric
-        self.name = name
         self.curve: dict[int, float | None] = {}  # layer -> metric of the last sweep
-        self._evaluate: Evaluate | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._evaluate = find_evaluate(trainer, self.evaluate_name, type(self).__name__)
-        require_reference(pl_module, type(self).__name__)
 
     def _layer_ids(self, pl_module: L.LightningModule) -> list[int]:
         return resolve_layers(self.layers, len(decoder_layers(pl_module.policy)))
@@ -93,14 +80,6 @@ class ResidualPatchingSweep(Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._layer_ids(pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "fit_end" in self.at:
-            self.run(trainer, pl_module, "fit_end")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "test" in self.at:
-            self.run(trainer, pl_module, "test")
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict[int, float | None]:
         """Evaluate once unpatched and once per layer now; returns ``{layer: metric}`` (empty off rank 0)."""
