@@ -1,6 +1,14 @@
-"""Entry point: ``python main.py fit --config configs/treft_legal.yaml`` (see README.md)."""
+"""Entry point: ``python main.py fit --config configs/treft_legal.yaml`` (see README.md).
 
-import piggy_lightning  # noqa: F401  (imports the packages so short class names resolve on the command line)
+Importing the subpackages registers their classes, so short names also work on the command line, e.g.
+``--data LegalDataModule`` or ``--trainer.callbacks+=KVDriftMonitor``; committed YAMLs use full class paths.
+"""
+
+import piggy_lightning.callbacks  # noqa: F401
+import piggy_lightning.data  # noqa: F401
+import piggy_lightning.evaluation  # noqa: F401
+import piggy_lightning.organism  # noqa: F401
+import piggy_lightning.regularizers  # noqa: F401
 from piggy_lightning.cli import PiggyCLI
 
 if __name__ == "__main__":
