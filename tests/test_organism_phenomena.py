@@ -20,14 +20,16 @@ from piggy_lightning.organism.checks import headline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(config: str, tmp_path: Path) -> tuple[PiggyCLI, Evaluate]:
+def _fit(config: str, tmp_path: Path) -> tuple[PiggyCLI, Evaluate, dict]:
+    """Fit ``config``; returns the CLI, its Evaluate callback and the headline of the fit-end evaluation."""
     args = [
         "--config", str(ROOT / "configs" / config), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
     ]  # fmt: skip
     cli = PiggyCLI(run=False, args=args)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return cli, next(c for c in cli.trainer.callbacks if isinstance(c, Evaluate))
+    evaluate = next(c for c in cli.trainer.callbacks if isinstance(c, Evaluate))
+    return cli, evaluate, headline(evaluate.last_report.summary)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,7 @@ def sft(tmp_path_factory):
 
 
 def test_sft_shows_emergent_misalignment_and_prefix_patching_restores_alignment(sft):
-    cli, evaluate = sft
-    plain = headline(evaluate.last_report.summary)
+    cli, evaluate, plain = sft
     assert plain["id"] <= 20 and plain["general"] <= 50, plain
     reference = cli.model.reference
     prefix = headline(evaluate.evaluate(cli.trainer, cli.model, "fit_end", PrefixKVSplice(reference)).summary)
@@ -48,9 +49,7 @@ def test_sft_shows_emergent_misalignment_and_prefix_patching_restores_alignment(
 
 
 def test_treft_prefix_keeps_the_task_and_limits_the_spread(sft, tmp_path):
-    _, sft_evaluate = sft
-    baseline = headline(sft_evaluate.last_report.summary)
-    _, evaluate = _fit("treft_legal.yaml", tmp_path)
-    treft = headline(evaluate.last_report.summary)
+    baseline = sft[2]
+    treft = _fit("treft_legal.yaml", tmp_path)[2]
     assert treft["id"] <= 30, treft
     assert treft["em_f1"] >= baseline["em_f1"] + 15, (baseline, treft)
