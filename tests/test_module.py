@@ -112,3 +112,24 @@ def test_response_cross_entropy_ignores_masked_positions():
     p1 = torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 1)
     expected = (-torch.log(p1) - torch.log(1 - p1)) / 2
     torch.testing.assert_close(response_cross_entropy(logits, labels), expected)
+
+
+def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(tiny_qwen, chat_file, tmp_path):
+    """18 training rows / 4 = 5 batches per epoch; a checkpoint at step 3 is mid-epoch 0, one at step 7 mid-epoch 1."""
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1, save_on_train_epoch_end=False
+    )
+    full = LossRecorder()
+    L.seed_everything(0)
+    module, data, trainer = _fit(
+        tiny_qwen, chat_file, tmp_path, max_steps=12, callbacks=[ckpt, full], enable_checkpointing=True
+    )
+    trainer.fit(module, data)
+    for step in (3, 7):
+        resumed = LossRecorder()
+        L.seed_everything(0)
+        module2, data2, trainer2 = _fit(tiny_qwen, chat_file, tmp_path, max_steps=12, callbacks=[resumed])
+        trainer2.fit(module2, data2, ckpt_path=next((tmp_path / "ckpt").glob(f"*step={step}.ckpt")))
+        assert sorted(resumed.losses) == list(range(step + 1, 13))
+        for s, loss in resumed.losses.items():
+            assert loss == pytest.approx(full.losses[s], abs=1e-6), f"resumed at {step}: step {s}"

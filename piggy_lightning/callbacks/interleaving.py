@@ -13,8 +13,8 @@ rows to its ``train_set``. Validation data is untouched.
 
 **Resume.** The mixture is rebuilt from the configuration, and the checkpoint's record of it (sizes, seed and a
 digest of the drawn rows) must match, else the run fails instead of silently continuing on other data; with the
-datamodule's epoch-seeded shuffle a run resumed from an epoch-end checkpoint sees the same examples in the same
-order as an uninterrupted one.
+datamodule's resumable epoch-seeded shuffle a resumed run (from an epoch-end or a mid-epoch checkpoint) sees the
+same examples in the same order as an uninterrupted one.
 
 Stack it on an experiment: ``python main.py fit --config configs/treft_legal.yaml --config
 callbacks/data_interleaving.yaml``.

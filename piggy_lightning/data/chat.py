@@ -20,30 +20,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from piggy_lightning.data.io import read_chats
+from piggy_lightning.data.sampling import EpochShuffle, ResumableLoader
 from piggy_lightning.modeling import load_tokenizer
 from piggy_lightning.spans import SPAN_NAMES, ChatSpans, TokenizedChat
 
 log = logging.getLogger(__name__)
 Truncation = Literal["error", "truncate", "skip"]
-
-
-class EpochShuffle(RandomSampler):
-    """A random order that depends only on ``seed`` and the epoch, so resumed runs see the same batches."""
-
-    def __init__(self, data_source: Any, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
@@ -120,6 +105,7 @@ class ChatSFTDataModule(L.LightningDataModule):
         self.val_set: list[TokenizedChat] = []
         self.tokenizer = None
         self.spans: ChatSpans | None = None
+        self._train_loader: ResumableLoader | None = None
         self.stats: dict[str, int] = {}
 
     def encode(self, source: str) -> list[TokenizedChat]:
@@ -176,7 +162,7 @@ class ChatSFTDataModule(L.LightningDataModule):
 
     def _loader(self, data: list[TokenizedChat], shuffle: bool) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             data,
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffle(data, self.hparams.seed) if shuffle else None,
@@ -185,7 +171,14 @@ class ChatSFTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        self._train_loader = self._loader(self.train_set, shuffle=True)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Count the training batches the loop consumes, for mid-epoch resumes (see ``sampling.py``)."""
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.consumed += 1
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if self.val_set else []
