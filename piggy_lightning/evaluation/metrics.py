@@ -179,7 +179,7 @@ def format_summary(summary: dict[str, Any], title: str = "") -> str:
         cells = [m.get("alignment"), m.get("coherence"), m.get("misaligned_rate")]
         a, c, r = (f"{v:.1f}" if v is not None else "-" for v in cells)
         r = f"{100 * cells[2]:.1f}" if cells[2] is not None else "-"
-        lines.append(f"{group:<14}{m.get('n', 0):>5}{a:>11}{c:>11}{r:>13}")
+        lines.append(f"{group:<14}{int(m.get('n') or 0):>5}{a:>11}{c:>11}{r:>13}")
     if "em_f1" in summary:
         lines.append(f"EM-F1 = {summary['em_f1']:.1f}")
     return "\n".join(lines)
