@@ -134,3 +134,23 @@ def test_training_batches_are_perturbed_in_place_in_the_prefix_only(tiny_qwen, c
         for key in ("labels", "attention_mask", "prefix_mask"):
             assert torch.equal(seen[key], original[key])
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(*runs, strict=True))  # seeded
+
+
+def test_training_perturbation_refuses_a_cached_prefix_regularizer(tiny_qwen, chat_file, tmp_path):
+    """Perturbed prefixes never match TReFT's cached default prefix: fail in setup, not at the first step."""
+    import lightning as L
+    import torch
+
+    from piggy_lightning.callbacks import TokenPerturbation
+    from piggy_lightning.data import ChatSFTDataModule
+    from piggy_lightning.module import PiggyModule
+    from piggy_lightning.regularizers import PrefixKVDrift
+
+    module = PiggyModule(tiny_qwen, regularizers=[PrefixKVDrift(weight=1.0)], optimizer=torch.optim.SGD)
+    data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path, callbacks=[TokenPerturbation(train_rate=1.0, at=[])],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="mismatch: per_row"):
+        trainer.fit(module, data)

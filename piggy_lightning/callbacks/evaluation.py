@@ -115,16 +115,23 @@ class Evaluate(Callback):
         self.evaluation: Evaluation | None = None
         self.last_report: EvaluationReport | None = None
         self._last_step: int | None = None
+        self._root: tuple[int, Path] | None = None  # (id of the trainer, its evaluation root)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
     def out_dir(self, trainer: L.Trainer) -> Path:
-        """Root of this callback's evaluation files."""
+        """Root of this callback's evaluation files.
+
+        Resolved once per trainer, in ``setup`` on every rank: under DDP ``trainer.log_dir`` is a collective
+        (a broadcast), so reading it later on rank 0 alone would hang the other ranks.
+        """
         if self.output_dir is not None:
             return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
+        if self._root is None or self._root[0] != id(trainer):
+            self._root = (id(trainer), Path(trainer.log_dir or trainer.default_root_dir) / self.name)
+        return self._root[1]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for attr in ("policy", "tokenizer", "spans", "model_name_or_path"):
@@ -132,8 +139,9 @@ class Evaluate(Callback):
                 raise TypeError(
                     f"Evaluate needs a module with .{attr} (like PiggyModule); got {type(pl_module).__name__}"
                 )
+        root = self.out_dir(trainer)  # on every rank (see out_dir)
         if self.evaluation is None:
-            cache = self.judge_cache or self.out_dir(trainer) / "judge_cache.sqlite"
+            cache = self.judge_cache or root / "judge_cache.sqlite"
             self.evaluation = Evaluation(self.question_sets, self.judges, self.decoding, cache, *self.thresholds)
         self.evaluation.check()  # reads the question sets and routes every metric now, not after training
 

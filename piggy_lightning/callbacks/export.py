@@ -22,14 +22,21 @@ class ExportPretrained(L.Callback):
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
+        self._out: Path | None = None
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         """Where the export goes for this trainer."""
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
 
-    @rank_zero_only
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._out = self.output_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        out = self.output_dir(trainer)
+        self._save(pl_module)
+
+    @rank_zero_only
+    def _save(self, pl_module: L.LightningModule) -> None:
+        out = self._out
         pl_module.policy.save_pretrained(out)
         pl_module.tokenizer.save_pretrained(out)
         rank_zero_info(f"exported the trained policy to {out}")

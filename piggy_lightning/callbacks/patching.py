@@ -70,14 +70,19 @@ def baseline_report(
     otherwise evaluates now (which reuses whatever responses and judgements are already on disk).
     """
     adapter = f"step={trainer.global_step}" + (f"|ckpt={Path(trainer.ckpt_path).name}" if trainer.ckpt_path else "")
-    for report in (evaluate.last_report, _BASELINES.get(evaluate)):
+    found = None
+    for report in (evaluate.last_report, _BASELINES.get(evaluate)):  # only rank 0 holds reports
         if (
             report is not None
             and report.summary.get("intervention") == "none"
             and report.summary.get("adapter") == adapter
             and report.out_dir.parent == evaluate.out_dir(trainer)
         ):
+            found = report
             break
+    # every rank must take the same branch: evaluate() ends in a barrier that all ranks enter
+    if trainer.strategy.broadcast(found is not None, src=0):
+        report = found
     else:
         report = evaluate.evaluate(trainer, pl_module, tag)
     if report is not None:

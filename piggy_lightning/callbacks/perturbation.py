@@ -143,6 +143,19 @@ class TokenPerturbation(EvaluatesAt):
         mask &= rows.to(mask.device)[:, None]
         batch["input_ids"] = perturb_tokens(batch["input_ids"], mask, self.n_tokens, self._train_replacer, generator)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.train_rate > 0 and self.segment == "prefix":
+            from piggy_lightning.regularizers import PrefixKVDrift
+
+            for reg in getattr(pl_module, "regularizers", []):
+                if isinstance(reg, PrefixKVDrift) and reg.mismatch == "error":
+                    raise ValueError(
+                        f"{type(self).__name__} perturbs training prefixes, but regularizer {reg.name!r} compares "
+                        "every row with the one cached default prefix; set its mismatch: per_row (reference forward "
+                        "on the perturbed rows) or drop one of the two"
+                    )
+
     # -- evaluation ------------------------------------------------------------------------------------------
     def _trials(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluate:
         """An ``Evaluate`` like the configured one, with ``trials`` samples per prompt and this callback's sampling."""
