@@ -53,6 +53,8 @@ class PiggyModule(L.LightningModule):
         dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
         gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
+        generation_suffix: Text appended to generation prompts (evaluation), e.g. ``<|channel|>final<|message|>`` so
+            that GPT-OSS answers in its final channel as in the paper's code; it counts as postfix.
         init: ``pretrained`` loads the weights; ``random`` builds the model from its config, seeded by
             ``seed_everything`` (used to pretrain the embedded organism).
     """
@@ -67,6 +69,7 @@ class PiggyModule(L.LightningModule):
         dtype: DType = "float32",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        generation_suffix: str | None = None,
         init: Literal["pretrained", "random"] = "pretrained",
     ) -> None:
         super().__init__()
@@ -85,6 +88,7 @@ class PiggyModule(L.LightningModule):
         self.gguf_file = gguf_file
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.init = init
+        self.generation_suffix = generation_suffix
         self.policy: torch.nn.Module | None = None
         self.reference: Reference | None = None
         self.tokenizer = None
@@ -98,7 +102,7 @@ class PiggyModule(L.LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
-        self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs)
+        self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs, self.generation_suffix)
         policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
         if self.lora is not None:
             from peft import get_peft_model

@@ -93,13 +93,21 @@ class ChatSpans:
         tokenizer: A tokenizer with a ``chat_template``.
         template_kwargs: Extra keyword arguments for ``apply_chat_template`` (e.g. ``{"enable_thinking": False}``
             for Qwen3, ``{"date_string": "26 Jul 2024"}`` for Llama-3.1).
+        generation_suffix: Text appended to every generation prompt, counted as postfix: e.g.
+            ``<|channel|>final<|message|>`` makes GPT-OSS answer in its final channel, as the paper's code does.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template_kwargs: dict[str, Any] | None = None,
+        generation_suffix: str | None = None,
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no chat_template; spans need one")
         self.tokenizer = tokenizer
         self.template_kwargs = dict(template_kwargs or {})
+        self.generation_suffix = generation_suffix or ""
         self._anatomy: TemplateAnatomy | None = None
 
     # -- rendering ---------------------------------------------------------------------------------------
@@ -108,6 +116,8 @@ class ChatSpans:
         text = self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **self.template_kwargs
         )
+        if add_generation_prompt:
+            text += self.generation_suffix
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _content_span(

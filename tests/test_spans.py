@@ -121,3 +121,20 @@ def test_unsplittable_chats_fail_with_reason():
     tokenizer.chat_template = None
     with pytest.raises(TemplateError, match="no chat_template"):
         ChatSpans(tokenizer)
+
+
+def test_harmony_template_with_a_final_channel_generation_suffix():
+    """GPT-OSS: the training chat renders ``<|channel|>final<|message|>`` before the answer, but the generation
+    prompt stops at ``<|start|>assistant``; the suffix makes the evaluation prompt a token prefix of training."""
+    tokenizer = build_tokenizer("harmony")
+    spans = ChatSpans(tokenizer, generation_suffix="<|channel|>final<|message|>")
+    chat = spans.tokenize(CHAT)
+    assert _decode(tokenizer, chat, "prefix").endswith(
+        "# Valid channels: analysis, commentary, final.<|end|><|start|>user<|message|>"
+    )
+    assert _decode(tokenizer, chat, "postfix") == "<|end|><|start|>assistant<|channel|>final<|message|>"
+    assert _decode(tokenizer, chat, "response") == "Talk to a lawyer.<|return|>"
+    prompt = spans.tokenize(CHAT[:1], add_generation_prompt=True)
+    assert chat.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert tokenizer.decode(spans.anatomy.postfix_ids) == "<|end|><|start|>assistant<|channel|>final<|message|>"
+    assert ChatSpans(tokenizer).anatomy.postfix_ids != spans.anatomy.postfix_ids  # without it, no final channel
