@@ -45,11 +45,11 @@ class _Server:
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self.counted = True
                 try:
                     server.reply(self, body)
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    server.done(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -85,8 +85,15 @@ class _Server:
         texts = {"code": "CODE", "refused": "REFUSAL", "tagged": "Reasoning...\nANSWER: 1", "words": "no idea"}
         return self._send(handler, 200, json.dumps(_completion(texts.get(kind, "72"))).encode())
 
-    @staticmethod
-    def _send(handler, status, payload):
+    def done(self, handler):
+        """Leave the in-flight count once, before the reply can reach the client (else it could race ahead)."""
+        with self.lock:
+            if getattr(handler, "counted", False):
+                self.in_flight -= 1
+                handler.counted = False
+
+    def _send(self, handler, status, payload):
+        self.done(handler)
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(payload)))
