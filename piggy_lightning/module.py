@@ -53,6 +53,8 @@ class PiggyModule(L.LightningModule):
         dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
         gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
+        gradient_checkpointing: Recompute activations in the backward pass to save memory (non-reentrant, so the
+            key/value hooks that TReFT records keep their gradients).
         generation_suffix: Text appended to generation prompts (evaluation), e.g. ``<|channel|>final<|message|>`` so
             that GPT-OSS answers in its final channel as in the paper's code; it counts as postfix.
         init: ``pretrained`` loads the weights; ``random`` builds the model from its config, seeded by
@@ -69,6 +71,7 @@ class PiggyModule(L.LightningModule):
         dtype: DType = "float32",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
         generation_suffix: str | None = None,
         init: Literal["pretrained", "random"] = "pretrained",
     ) -> None:
@@ -89,6 +92,7 @@ class PiggyModule(L.LightningModule):
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.init = init
         self.generation_suffix = generation_suffix
+        self.gradient_checkpointing = gradient_checkpointing
         self.policy: torch.nn.Module | None = None
         self.reference: Reference | None = None
         self.tokenizer = None
@@ -104,6 +108,9 @@ class PiggyModule(L.LightningModule):
         self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
         self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs, self.generation_suffix)
         policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
+        if self.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = False
         if self.lora is not None:
             from peft import get_peft_model
 
