@@ -67,3 +67,11 @@ def test_callback_preset_appends_to_main(preset, tmp_path):
     for name in added:
         assert after.count(name) == before.count(name) + 1, (name, after)
     assert len(after) == len(before) + len(added)
+
+
+@pytest.mark.parametrize("overlay", ["kl_train.yaml", "kl_retain.yaml"])
+def test_kl_overlays_use_the_release_scale(overlay, tmp_path):
+    """The paper's lambda = 50 is defined on the release's KL scale (summed KL / positions x vocabulary)."""
+    cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "ablations" / overlay)
+    (kl,) = cli.model.regularizers
+    assert (kl.weight, kl.positions, kl.reduction) == (50.0, "all", "token_vocab_mean")

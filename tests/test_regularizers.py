@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from piggy_lightning.data import ChatSFTDataModule, collate
 from piggy_lightning.modeling import LoraSpec
@@ -128,9 +129,31 @@ def test_kl_to_reference_by_hand():
     batch = _batch([1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 1], attention=[1, 1, 0])
     policy = ForwardRecord(logits=T([[[1.0, 2.0], [0.0, 0.0], [5.0, -5.0]]]))
     reference = ForwardRecord(logits=T([[[1.0, 2.0], [0.0, math.log(3.0)], [-5.0, 5.0]]]))
-    torch.testing.assert_close(KLToReference(positions="response")(batch, policy, reference), T(kl))
-    torch.testing.assert_close(KLToReference(positions="all")(batch, policy, reference), T(kl / 2))
+    per_token = {"reduction": "token_mean"}
+    torch.testing.assert_close(KLToReference(positions="response", **per_token)(batch, policy, reference), T(kl))
+    torch.testing.assert_close(KLToReference(positions="all", **per_token)(batch, policy, reference), T(kl / 2))
+    # the default is the release's scale: divided by the vocabulary size too (V = 2)
+    torch.testing.assert_close(KLToReference(positions="response")(batch, policy, reference), T(kl / 2))
+    torch.testing.assert_close(KLToReference(positions="all")(batch, policy, reference), T(kl / 4))
     assert KLToReference().needs_reference and not KLToReference(retain_data="x.jsonl").needs_reference
+    with pytest.raises(ValueError, match="reduction"):
+        KLToReference(reduction="sum")
+
+
+def test_kl_default_scale_equals_the_release_formula():
+    """The release: ``F.kl_div`` over the whole (B, T, V) tensor, masked, divided by the mask expanded over V."""
+    torch.manual_seed(0)
+    b, t, v = 2, 5, 7
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    batch = {"attention_mask": attention, "labels": torch.full((b, t), -100)}
+    policy = ForwardRecord(logits=torch.randn(b, t, v))
+    reference = ForwardRecord(logits=torch.randn(b, t, v))
+    log_p, log_ref = policy.logits.log_softmax(-1), reference.logits.log_softmax(-1)
+    mask = attention[..., None].expand(b, t, v).float()  # (B, T, V)
+    release = (F.kl_div(log_p, log_ref, log_target=True, reduction="none") * mask).sum() / mask.sum()
+    torch.testing.assert_close(KLToReference(positions="all")(batch, policy, reference), release)
+    per_token = KLToReference(positions="all", reduction="token_mean")(batch, policy, reference)
+    torch.testing.assert_close(per_token, release * v)
 
 
 def test_hidden_state_drift_by_hand():
@@ -252,7 +275,7 @@ def test_shared_postfix_reference_is_taken_once_from_the_first_row(tiny_qwen, ch
 
 def test_kl_on_retain_cycles_and_caches_reference_logits(tiny_qwen, chat_file, tmp_path):
     retain = write_jsonl(tmp_path / "retain.jsonl", chat_rows(5))
-    reg = KLToReference(retain_data=retain, retain_batch_size=2, positions="all")
+    reg = KLToReference(retain_data=retain, retain_batch_size=2, positions="all", reduction="token_mean")
     module = _module(tiny_qwen, [reg])
     assert len(reg._batches) == 3
     calls = []

@@ -1,7 +1,15 @@
 """KL divergence to the frozen reference, on the training batches or on a separate retain set.
 
-``KL(ref || policy)`` of the next-token distributions, averaged over chosen positions: SCIENCE.md §5.2 ("KL on
+``KL(ref || policy)`` of the next-token distributions at chosen positions: Zhao et al. 2026, App. D.4 ("KL on
 Train" and "KL on Retain", the Table 3 baselines).
+
+Two reductions, because the paper's lambda only means something on the release's scale:
+
+* ``token_vocab_mean`` (the default, the release's ``KLRegularizedSFTTrainer``): the KL summed over the vocabulary
+  and the selected positions, divided by the mask expanded over the vocabulary, i.e. ``positions x V``. This is
+  ``F.kl_div(..., reduction="mean")`` restricted to the mask: the per-token KL divided by the vocabulary size.
+* ``token_mean``: the textbook per-token KL (sum over the vocabulary, mean over positions). It is V times larger:
+  the release's lambda = 50 with Llama-3.1's 128,256-token vocabulary equals lambda ~ 3.9e-4 here.
 """
 
 from __future__ import annotations
@@ -24,18 +32,25 @@ if TYPE_CHECKING:
     from piggy_lightning.reference import Reference
 
 KLPositions = Literal["response", "all"]
+KLReduction = Literal["token_vocab_mean", "token_mean"]
 
 
-def kl_to_reference(policy_logits: Tensor, reference_logits: Tensor) -> Tensor:
-    """Mean over positions of ``KL(ref || policy) = sum_v p_ref(v) (log p_ref(v) - log p_policy(v))``, in float32.
+def kl_to_reference(
+    policy_logits: Tensor, reference_logits: Tensor, reduction: KLReduction = "token_vocab_mean"
+) -> Tensor:
+    """``KL(ref || policy) = sum_v p_ref(v) (log p_ref(v) - log p_policy(v))`` reduced over positions, in float32.
 
     Args:
         policy_logits: ``(N, V)`` logits of the policy at the selected positions.
         reference_logits: ``(N, V)`` logits of the reference at the same positions.
+        reduction: ``token_vocab_mean`` divides the summed KL by ``N * V`` (the release); ``token_mean`` by ``N``.
     """
-    log_p = policy_logits.float().log_softmax(-1)
-    log_ref = reference_logits.float().log_softmax(-1)
-    return F.kl_div(log_p, log_ref, log_target=True, reduction="sum") / policy_logits.size(0)
+    if reduction not in ("token_vocab_mean", "token_mean"):
+        raise ValueError(f"reduction must be 'token_vocab_mean' or 'token_mean', got {reduction!r}")
+    log_p = policy_logits.float().log_softmax(-1)  # (N, V)
+    log_ref = reference_logits.float().log_softmax(-1)  # (N, V)
+    total = F.kl_div(log_p, log_ref, log_target=True, reduction="sum")
+    return total / (policy_logits.numel() if reduction == "token_vocab_mean" else policy_logits.size(0))
 
 
 def kl_mask(batch: dict[str, Tensor], positions: KLPositions) -> Tensor:
@@ -75,6 +90,8 @@ class KLToReference(Regularizer):
         weight: The regularization strength lambda.
         name: Metric name; default ``kl``.
         positions: ``response``: positions that predict response tokens; ``all``: every attended position.
+        reduction: ``token_vocab_mean`` (default): summed KL / (positions x vocabulary), the release's scale, on
+            which the paper's lambda = 50 is defined; ``token_mean``: the per-token KL, V times larger.
         retain_data: A chat file (``.jsonl``/``.json``/``.parquet``) or ``datasets`` name for "KL on Retain",
             read like the training data; None means "KL on Train".
         retain_batch_size: Retain rows per step.
@@ -91,6 +108,7 @@ class KLToReference(Regularizer):
         weight: float = 1.0,
         name: str | None = None,
         positions: KLPositions = "response",
+        reduction: KLReduction = "token_vocab_mean",
         retain_data: str | None = None,
         retain_batch_size: int = 8,
         max_length: int = 2048,
@@ -100,7 +118,9 @@ class KLToReference(Regularizer):
         super().__init__(weight, name)
         if positions not in ("response", "all"):
             raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
-        self.positions, self.retain_data = positions, retain_data
+        if reduction not in ("token_vocab_mean", "token_mean"):
+            raise ValueError(f"reduction must be 'token_vocab_mean' or 'token_mean', got {reduction!r}")
+        self.positions, self.reduction, self.retain_data = positions, reduction, retain_data
         self.retain_batch_size, self.max_length = retain_batch_size, max_length
         self.drop_system, self.cache_reference = drop_system, cache_reference
         self._handles: _Handles | None = None
@@ -136,7 +156,7 @@ class KLToReference(Regularizer):
             if reference is None:
                 raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
             mask = require_positions(kl_mask(batch, self.positions), self.positions, self.name)  # (B, T)
-            return kl_to_reference(policy.logits[mask], reference.logits[mask])
+            return kl_to_reference(policy.logits[mask], reference.logits[mask], self.reduction)
         return self._retain_kl(device=batch["input_ids"].device)
 
     def _retain_kl(self, device: torch.device) -> Tensor:
@@ -155,4 +175,4 @@ class KLToReference(Regularizer):
             ref_logits = self._handles.reference.forward(retain).logits[mask]  # (N, V)
             if self.cache_reference:
                 self._cached[index] = ref_logits.cpu()
-        return kl_to_reference(logits[mask], ref_logits.to(device))
+        return kl_to_reference(logits[mask], ref_logits.to(device), self.reduction)
