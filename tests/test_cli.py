@@ -54,3 +54,13 @@ def test_main_fit_on_tiny_model_writes_events_and_config(tiny_qwen, chat_file, t
     assert {"train/loss", "train/ce", "train/tokens_per_sec"} <= tags, tags
     assert any(t.startswith("lr-") for t in tags), tags
     assert time.perf_counter() - start < 120
+
+
+def test_debug_overlay_keeps_evaluation_files_in_a_run_directory(tmp_path, monkeypatch):
+    """fast_dev_run drops the logger; evaluation used to write ``<cwd>/eval/`` (the repository root)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "treft_legal.yaml"), "--config", str(ROOT / "configs" / "debug.yaml")]
+    cli = PiggyCLI(run=False, args=args)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert not (tmp_path / "eval").exists()
+    assert (tmp_path / "runs" / "debug" / "eval" / "fit_end" / "summary.json").exists()

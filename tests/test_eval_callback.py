@@ -43,7 +43,7 @@ def test_evaluate_during_fit_and_test_logs_and_writes_files(tiny_qwen, chat_file
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["epoch=0", "epoch=1", "train_start"]
     summary = json.loads((root / "epoch=1" / "summary.json").read_text())
     assert set(summary["groups"]) == {"general", "in_domain"} and "em_f1" in summary
-    assert summary["adapter"] == "step=4" and summary["model"] == tiny_qwen
+    assert summary["adapter"].startswith("step=4|w=") and summary["model"] == tiny_qwen
     assert "refusal_rate" in summary["groups"]["general"]
     results = [json.loads(x) for x in (root / "epoch=1" / "results.jsonl").read_text().splitlines()]
     assert len(results) == 4 + 3 and set(results[0]["judgements"]) == {"aligned", "coherent", "refusal"}

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.evaluation.generation import Decoding
+from piggy_lightning.evaluation.identity import weights_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.judges.base import Judge
 from piggy_lightning.evaluation.metrics import format_summary
@@ -116,6 +117,7 @@ class Evaluate(Callback):
         self.last_report: EvaluationReport | None = None
         self._last_step: int | None = None
         self._root: tuple[int, Path] | None = None  # (id of the trainer, its evaluation root)
+        self._loaded_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -183,8 +185,7 @@ class Evaluate(Callback):
         suffix = f"@{intervention.name}" if intervention is not None and intervention.name != "none" else ""
         report = None
         if trainer.is_global_zero:
-            # the step alone names the weights, so a fit resumed from a checkpoint reuses an interrupted evaluation
-            adapter = f"step={trainer.global_step}"
+            adapter = self.adapter_id(trainer, pl_module)
             report = self.evaluation.run(
                 pl_module.policy,
                 pl_module.tokenizer,
@@ -200,6 +201,21 @@ class Evaluate(Callback):
             self._last_step = trainer.global_step
         trainer.strategy.barrier("piggy_evaluate")
         return report
+
+    def step(self, trainer: L.Trainer) -> int:
+        """The training step of the evaluated weights: the trainer's, or the loaded checkpoint's outside fit
+        (``main.py test --ckpt_path`` runs with ``global_step`` 0)."""
+        if trainer.state.fn != "fit" and self._loaded_step is not None:
+            return self._loaded_step
+        return trainer.global_step
+
+    def adapter_id(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """``step=<n>|w=<digest>``: the digest of the trainable weights names what is evaluated, so results of
+        other weights (another checkpoint, another run's data) are never reused; the step is a label."""
+        return f"step={self.step(trainer)}|w={weights_digest(pl_module.policy)}"
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._loaded_step = checkpoint.get("global_step")
 
     def _scalars(self, report: EvaluationReport, suffix: str = "") -> dict[str, float]:
         prefix = f"{self.name}{suffix}"

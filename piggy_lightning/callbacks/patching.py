@@ -66,10 +66,10 @@ def baseline_report(
     """The unpatched evaluation of the current weights.
 
     Reuses the last unpatched report of ``evaluate`` when it is of the same weights (same adapter id: step and
-    checkpoint) and directory, e.g. Evaluate's own ``test`` evaluation or another patching callback's baseline;
+    weights digest) and directory, e.g. Evaluate's own ``test`` evaluation or another patching callback's baseline;
     otherwise evaluates now (which reuses whatever responses and judgements are already on disk).
     """
-    adapter = f"step={trainer.global_step}" + (f"|ckpt={Path(trainer.ckpt_path).name}" if trainer.ckpt_path else "")
+    adapter = evaluate.adapter_id(trainer, pl_module) if trainer.is_global_zero else None
     found = None
     for report in (evaluate.last_report, _BASELINES.get(evaluate)):  # only rank 0 holds reports
         if (

@@ -22,13 +22,14 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig
 
+from piggy_lightning.evaluation.identity import prompt_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
 from piggy_lightning.evaluation.questions import Question
 from piggy_lightning.evaluation.results import ResponseLog, record_key
@@ -60,6 +61,11 @@ class Decoding:
     batch_size: int = 16
     seed: int = 0
     progress: bool = True
+
+    def identity(self) -> dict[str, float | int | None]:
+        """The settings that shape a response (batching and progress do not: batched greedy outputs are exact)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed}  # fmt: skip
 
     def samples_for(self, question: Question) -> int:
         """How many samples of each paraphrase of ``question`` to generate."""
@@ -139,18 +145,20 @@ def _plan(
 ) -> list[_Work]:
     """Expand questions into one work item per (paraphrase, sample), tokenized and transformed."""
     work, seen, tokenized = [], set(), {}
+    settings = decoding.identity()
     for q in questions:
         for p in range(len(q.paraphrases)):
             for s in range(decoding.samples_for(q)):
-                key = record_key(*identity, q.group, q.id, p, s)
-                if key in seen:
+                base = record_key(*identity, q.group, q.id, p, s)
+                if base in seen:
                     raise ValueError(f"question {q.id!r} appears twice in group {q.group!r}")
-                seen.add(key)
+                seen.add(base)
                 messages = _messages(q, p)
                 cache_key = (q.system, q.paraphrases[p])
                 if cache_key not in tokenized:
                     tokenized[cache_key] = prompt_tokens(spans, messages)
-                prompt = intervention.transform(tokenized[cache_key], _stable_seed(decoding.seed, key))
+                prompt = intervention.transform(tokenized[cache_key], _stable_seed(decoding.seed, base))
+                key = record_key(*identity, q.group, q.id, p, s, prompt_digest(prompt.input_ids, settings))
                 n_prefix = next((i for i, name in enumerate(prompt.spans) if name != "prefix"), len(prompt.spans))
                 work.append(_Work(key, q, p, s, prompt, n_prefix))
     return work
@@ -275,7 +283,6 @@ def _record(
     decoding: Decoding,
 ) -> dict:
     intervention, model_id, adapter_id = identity
-    settings = asdict(decoding)
     return {
         "key": w.key,
         "question_id": w.question.id,
@@ -293,5 +300,5 @@ def _record(
         "adapter": adapter_id,
         "intervention": intervention,
         "seed": seed,
-        "decoding": {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens", "seed")},
+        "decoding": decoding.identity(),
     }

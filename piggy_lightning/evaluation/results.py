@@ -1,6 +1,7 @@
 """Append-only JSONL logs that survive interruption: every record is written and flushed as it is produced.
 
-A record is identified by its ``key`` (intervention, model, adapter, group, question, paraphrase, sample). Reopening
+A record is identified by its ``key`` (intervention, model, weights digest, group, question, paraphrase, sample, and
+a digest of the prompt tokens and decoding settings; see :mod:`piggy_lightning.evaluation.identity`). Reopening
 a log reads the keys already present so that a rerun skips finished work and never writes a duplicate. A line torn
 by a crash mid-write (no trailing newline) is cut off on reopening.
 """
@@ -15,10 +16,30 @@ from typing import Any
 
 
 def record_key(
-    intervention: str, model: str, adapter: str | None, group: str, question_id: str, paraphrase: int, sample: int
+    intervention: str,
+    model: str,
+    adapter: str | None,
+    group: str,
+    question_id: str,
+    paraphrase: int,
+    sample: int,
+    prompt: str | None = None,
 ) -> str:
-    """The identity of one response; two records with the same key are the same work."""
-    return f"{intervention}|{model}|{adapter or '-'}|{group}|{question_id}|{paraphrase}|{sample}"
+    """The identity of one response; two records with the same key are the same work.
+
+    Args:
+        intervention: The generation intervention's name.
+        model: The base model's identity.
+        adapter: The trained state's identity (see :func:`~piggy_lightning.evaluation.identity.weights_digest`).
+        group: The question's group.
+        question_id: The question's id within its set.
+        paraphrase: Paraphrase index.
+        sample: Sample index.
+        prompt: Digest of the prompt tokens and decoding settings
+            (:func:`~piggy_lightning.evaluation.identity.prompt_digest`); None leaves it out (the seed key).
+    """
+    key = f"{intervention}|{model}|{adapter or '-'}|{group}|{question_id}|{paraphrase}|{sample}"
+    return key if prompt is None else f"{key}|{prompt}"
 
 
 def _repair_tail(path: Path) -> None:
@@ -50,6 +71,8 @@ class ResponseLog:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{self.path}, line {number}: not JSON ({e.msg})") from e
+                    if not isinstance(record, dict) or "key" not in record:
+                        raise ValueError(f"{self.path}, line {number}: a record needs a 'key' field")
                     self.records.setdefault(record["key"], record)
 
     def __contains__(self, key: str) -> bool:
