@@ -99,6 +99,7 @@ class _Work:
     sample: int
     prompt: TokenizedChat
     n_prefix: int  # leading tokens labelled "prefix"
+    touched: int | None  # positions the intervention changes (None: no intervention)
 
 
 def _messages(question: Question, paraphrase: int) -> list[dict[str, str]]:
@@ -160,7 +161,7 @@ def _plan(
                 prompt = intervention.transform(tokenized[cache_key], _stable_seed(decoding.seed, base))
                 key = record_key(*identity, q.group, q.id, p, s, prompt_digest(prompt.input_ids, settings))
                 n_prefix = next((i for i, name in enumerate(prompt.spans) if name != "prefix"), len(prompt.spans))
-                work.append(_Work(key, q, p, s, prompt, n_prefix))
+                work.append(_Work(key, q, p, s, prompt, n_prefix, intervention.touched(tokenized[cache_key])))
     return work
 
 
@@ -299,6 +300,7 @@ def _record(
         "model": model_id,
         "adapter": adapter_id,
         "intervention": intervention,
+        "intervention_positions": w.touched,
         "seed": seed,
         "decoding": decoding.identity(),
     }

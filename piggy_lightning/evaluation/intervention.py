@@ -3,10 +3,10 @@
 Generation (:func:`piggy_lightning.evaluation.generation.generate_responses`) calls an intervention at three points:
 
 1. :meth:`GenerationIntervention.transform` edits each prompt's tokens before batching (token perturbation:
-   replace prefix tokens by embedding neighbours, SCIENCE.md §2).
+   replace prefix tokens by embedding neighbours, paper §2).
 2. :meth:`GenerationIntervention.prefix_cache` builds the key/value cache of a prompt prefix shared by many prompts.
    The default runs the model being evaluated; a ``PrefixKVPatch`` returns the *reference* model's prefix cache
-   instead, which is exactly KV patching of every layer at prefix positions (SCIENCE.md §3.1), for free per batch.
+   instead, which is exactly KV patching of every layer at prefix positions (paper §3.1), for free per batch.
 3. :meth:`GenerationIntervention.during` is a context manager around one batch's ``generate`` call, for forward
    hooks at non-prefix positions (postfix or query KV patching), told where every span lies in the batch.
 
@@ -53,6 +53,11 @@ class GenerationIntervention:
     """
 
     name: str = "none"
+
+    def touched(self, prompt: TokenizedChat) -> int | None:
+        """How many positions of ``prompt`` the intervention changes, recorded per response; None when it changes
+        nothing (this base class) or does not count positions."""
+        return None
 
     def transform(self, prompt: TokenizedChat, seed: int) -> TokenizedChat:
         """Return the prompt to generate from (same span labelling conventions).

@@ -51,6 +51,21 @@ class EvaluationReport:
     out_dir: Path
 
 
+def _positions(results: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """Per group: min / mean / max of the positions the intervention changed per prompt (None: no intervention).
+
+    The query-matched control patches ``min(P, |query|)`` positions, so short queries get fewer than the prefix
+    patch; this makes the difference visible in every summary.
+    """
+    by_group: dict[str, list[int]] = {}
+    for r in results:
+        if r.get("intervention_positions") is not None:
+            by_group.setdefault(r["group"], []).append(r["intervention_positions"])
+    if not by_group:
+        return None
+    return {g: {"min": min(v), "mean": sum(v) / len(v), "max": max(v)} for g, v in sorted(by_group.items())}
+
+
 def _template(question: Question, metric: str) -> str | None:
     return question.judge_prompts.get(metric) or PROMPTS.get(metric)
 
@@ -156,6 +171,9 @@ class Evaluation:
                 cache.close()
         write_jsonl_atomic(out / "results.jsonl", results)
         summary = summarize(results, self.misaligned_below, self.coherent_above)
+        summary["intervention_positions"] = _positions(results)
+        for group, stats in (summary["intervention_positions"] or {}).items():
+            summary["groups"][group]["positions_changed"] = stats["mean"]
         summary.update(
             model=model_id,
             adapter=adapter_id,

@@ -2,7 +2,7 @@
 
 Two generation interventions (see :mod:`piggy_lightning.evaluation.intervention` for the hook protocol):
 
-* :class:`PrefixKVSplice` (SCIENCE.md §3.1, the main test): the reference model's key/value cache of the prefix is
+* :class:`PrefixKVSplice` (paper §3.1, Fig. 3, the main test): the reference model's key/value cache of the prefix is
   spliced into the finetuned model's cache, and the finetuned model reads the rest of the prompt and answers. The
   prefix is query-independent (causal attention), so one reference forward per distinct prefix serves a whole
   evaluation. With a layer subset S, attention at layers in S reads the reference's prefix and every other layer
@@ -36,7 +36,7 @@ from piggy_lightning.interventions.sites import (
 )
 from piggy_lightning.reference import Reference
 from piggy_lightning.regularizers.drift_math import resolve_layers
-from piggy_lightning.spans import ChatSpans
+from piggy_lightning.spans import ChatSpans, TokenizedChat
 
 
 def _sliced(values: dict[Slot, Tensor], start: int) -> dict[Slot, Tensor]:
@@ -102,11 +102,18 @@ class ActivationPatch(GenerationIntervention):
         with overwriting(site_modules(model, self.site), values, ones.bool()):
             return super().prefix_cache(model, prefix_ids)
 
+    def touched(self, prompt: TokenizedChat) -> int:
+        """Positions this patch overwrites in ``prompt`` (e.g. ``min(P, |query|)`` for ``query_matched``)."""
+        span_masks = {name: torch.tensor([prompt.mask(name)]) for name in ("prefix", "query", "postfix")}
+        return int(position_mask(span_masks, self.site.positions).sum())
+
     @contextmanager
     def during(self, model: nn.Module, batch: PromptBatch) -> Iterator[None]:
         full_mask = position_mask(batch.span_masks, self.site.positions)  # (B, T)
+        if not bool(full_mask.any()):  # a patch that changes nothing must not report the unpatched output
+            raise ValueError(f"{self.name}: no row of the batch has {self.site.positions} tokens to patch")
         mask = full_mask[:, batch.cached :]  # the prefill's positions
-        if not bool(mask.any()):
+        if not bool(mask.any()):  # the patched positions are all in the cached prefix (see prefix_cache)
             yield
             return
         values = self.reference_values(batch.input_ids, batch.attention_mask, full_mask)
@@ -115,7 +122,7 @@ class ActivationPatch(GenerationIntervention):
 
 
 class PrefixKVSplice(GenerationIntervention):
-    """Splice the reference model's prefix keys and values into the finetuned model's cache (SCIENCE.md §3.1).
+    """Splice the reference model's prefix keys and values into the finetuned model's cache (paper §3.1).
 
     With every layer spliced this is the paper's prefix KV patching; with the reference equal to the policy it
     changes nothing, bit for bit. Prompts whose prefix no other prompt shares reach generation without a cache;
@@ -143,8 +150,14 @@ class PrefixKVSplice(GenerationIntervention):
         own = super().prefix_cache(model, prefix_ids)
         return [spliced[i] if i in layers else own[i] for i in range(len(own))]
 
+    def touched(self, prompt: TokenizedChat) -> int:
+        """Prefix positions spliced in ``prompt``."""
+        return sum(prompt.mask("prefix"))
+
     @contextmanager
     def during(self, model: nn.Module, batch: PromptBatch) -> Iterator[None]:
+        if not bool(batch.span_masks["prefix"].any()):
+            raise ValueError(f"{self.name}: no row of the batch has prefix tokens to splice")
         mask = batch.span_masks["prefix"][:, batch.cached :]  # (B, T - cached); empty when the prefix is cached
         if not bool(mask.any()):
             yield

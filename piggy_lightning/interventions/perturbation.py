@@ -1,4 +1,4 @@
-"""Token perturbation (SCIENCE.md §2): replace a few tokens of one prompt segment by embedding neighbours.
+"""Token perturbation (paper §2, Table 1): replace a few tokens of one prompt segment by embedding neighbours.
 
 In the chosen segment (prefix, query or postfix), ``n`` positions are drawn without replacement (all of them
 when the segment is shorter) and each token is replaced by one drawn uniformly from its ``k`` nearest neighbours
@@ -143,8 +143,14 @@ class PromptPerturbation(GenerationIntervention):
         self.replace = replace
         self.name = name
 
+    def touched(self, prompt: TokenizedChat) -> int:
+        """Tokens replaced in ``prompt``: ``n_tokens``, or the whole segment when it is shorter."""
+        return min(self.n_tokens, sum(prompt.mask(self.segment)))
+
     def transform(self, prompt: TokenizedChat, seed: int) -> TokenizedChat:
         ids = torch.tensor([prompt.input_ids])  # (1, T)
         mask = torch.tensor([prompt.mask(self.segment)])  # (1, T)
+        if not bool(mask.any()):  # perturbing nothing would report the unperturbed answer as perturbed
+            raise ValueError(f"{self.name}: the prompt has no {self.segment} tokens to perturb")
         new = perturb_tokens(ids, mask, self.n_tokens, self.replace, torch.Generator().manual_seed(seed))
         return TokenizedChat(new[0].tolist(), list(prompt.spans))
