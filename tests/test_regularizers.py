@@ -291,3 +291,21 @@ def test_kl_on_retain_cycles_and_caches_reference_logits(tiny_qwen, chat_file, t
     grads = [p.grad for n, p in module.policy.named_parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     assert all(p.grad is None for p in module.policy.parameters() if not p.requires_grad)
+
+
+def test_hidden_states_convention_the_last_state_is_final_normed(tiny_qwen):
+    """What HiddenStateDrift's docstring says of transformers' hidden states: L + 1 of them, the last one after
+    the final norm (so the default layer set 1..L ends with the normed output, not the last block's raw one)."""
+    from piggy_lightning.modeling import load_causal_lm
+
+    model = load_causal_lm(tiny_qwen).eval()
+    raw = {}
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda m, i, o: raw.setdefault("x", o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    handle.remove()
+    assert len(out.hidden_states) == len(model.model.layers) + 1
+    torch.testing.assert_close(out.hidden_states[-1], model.model.norm(raw["x"]))
+    assert not torch.allclose(out.hidden_states[-1], raw["x"])

@@ -24,14 +24,16 @@ class HiddenStateDrift(Regularizer):
 
     Mukhoti et al. 2024, "Fine-tuning can cripple your foundation model; preserving features may be the
     solution" (LDIFS, TMLR), as applied against emergent misalignment by Kaczér et al. 2025, "In-training
-    defenses against emergent misalignment" (SCIENCE.md §5.3). Needs a reference forward on every batch.
+    defenses against emergent misalignment" (the paper's related-work baselines). Needs a reference forward on every batch.
 
     Args:
         weight: The regularization strength lambda.
         name: Metric name; default ``hidden``.
         positions: Which tokens to compare (see ``regularizers/positions.py``).
-        layers: Indices into the ``L + 1`` hidden states (HF convention: 0 is the embeddings, i the output of
-            block i - 1, L the final normalized output); None means every block output, 1..L.
+        layers: Indices into the ``L + 1`` hidden states that transformers returns: 0 is the embeddings, i in
+            1..L-1 the raw output of block i - 1, and L the *final-normed* output of the last block (transformers
+            applies the final norm before storing it; the last block's raw output is not among them). None means
+            1..L: every block's output, the last one after the final norm, as ``output_hidden_states`` gives them.
     """
 
     default_name = "hidden"
