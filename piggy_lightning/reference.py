@@ -43,9 +43,12 @@ def run_forward(model: nn.Module, batch: dict[str, Tensor], needs: frozenset[Nee
     Args:
         model: The causal LM (peft-wrapped or not).
         batch: Holds ``input_ids`` and ``attention_mask``, both ``(B, T)``.
-        needs: ``hidden_states`` and/or ``kv`` (key/value projection outputs of every layer).
+        needs: ``hidden_states`` and/or ``kv`` (key/value projection outputs of every layer) or ``kv_normed`` (the
+            same with keys after Qwen3's ``k_norm``).
     """
-    kv = record_kv(model) if "kv" in needs else nullcontext((None, None))
+    if {"kv", "kv_normed"} <= needs:
+        raise ValueError("one forward records keys either before or after k_norm: regularizers disagree on `source`")
+    kv = record_kv(model, "kv_normed" in needs) if needs & {"kv", "kv_normed"} else nullcontext((None, None))
     with kv as (keys, values):
         out = model(
             input_ids=batch["input_ids"],

@@ -41,8 +41,8 @@ class KVDriftMonitor(L.Callback):
 
     Args:
         every_n_steps: Log every this many optimizer steps (and once before training starts).
-        source: ``kv``: the real key/value projection outputs; ``hidden``: projections of the pre-norm residual
-            stream (the released training code's variant).
+        source: ``kv``: the real key/value projection outputs; ``kv_normed``: keys after Qwen3's ``k_norm``;
+            ``hidden``: projections of the pre-norm residual stream (the released training code's variant).
         layers: Decoder layers to monitor (negative counts from the end); None means all.
     """
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from piggy_lightning.module import PiggyModule
 
-Need = Literal["hidden_states", "kv"]
+Need = Literal["hidden_states", "kv", "kv_normed"]
 
 
 @dataclass
@@ -30,7 +30,8 @@ class ForwardRecord:
         logits: ``(B, T, V)`` next-token logits.
         hidden_states: ``L + 1`` tensors ``(B, T, H)``: the embeddings and each block's output (HF convention),
             or None when no regularizer asked for them.
-        keys: Per layer ``(B, T, D_kv)`` key projection outputs (pre-RoPE), or None when not requested.
+        keys: Per layer ``(B, T, D_kv)`` key projection outputs (pre-RoPE; after the per-head ``k_norm`` when
+            ``kv_normed`` was recorded), or None when not requested.
         values: Per layer ``(B, T, D_kv)`` value projection outputs, or None when not requested.
     """
 

@@ -1,6 +1,6 @@
 """The arithmetic and plumbing shared by the drift penalties and the drift monitor.
 
-:func:`kv_drift` is TReFT's ``L_KV`` (SCIENCE.md §4.1); :func:`select_kv` reads keys and values at chosen positions
+:func:`kv_drift` is TReFT's ``L_KV`` (paper §5.1, Eq. 2-3); :func:`select_kv` reads keys and values at chosen positions
 from a recorded forward, either the real projection outputs (``kv``) or projections of the pre-norm residual
 stream (``hidden``, the released training code).
 """
@@ -19,7 +19,7 @@ from piggy_lightning.sites import kv_projections
 if TYPE_CHECKING:
     from piggy_lightning.reference import Reference
 
-KVSource = Literal["kv", "hidden"]
+KVSource = Literal["kv", "kv_normed", "hidden"]
 Pick = Callable[[Tensor], Tensor]  # selects positions from a (B, T, ...) tensor
 _EPS = 1e-12  # floor of the reference norm, as in the release
 
@@ -65,11 +65,12 @@ def select_kv(
     Args:
         record: A forward that recorded ``kv`` (source ``kv``) or ``hidden_states`` (source ``hidden``).
         layers: Decoder layer indices.
-        source: ``kv`` uses the recorded projection outputs; ``hidden`` projects ``hidden_states[l]``.
+        source: ``kv`` / ``kv_normed`` use the recorded keys (before / after ``k_norm``) and values; ``hidden``
+            projects ``hidden_states[l]``.
         pick: Maps a ``(B, T, X)`` tensor to ``(*S, X)``, e.g. ``lambda t: t[mask]``.
         projections: ``(k_proj, v_proj)`` per layer of the model that made ``record`` (source ``hidden``).
     """
-    if source == "kv":
+    if source in ("kv", "kv_normed"):
         if record.keys is None:
             raise RuntimeError("the forward did not record keys and values; the regularizer must need 'kv'")
         keys = torch.stack([pick(record.keys[i]) for i in layers])
@@ -86,7 +87,7 @@ def reference_select(
     reference: Reference | None, record: ForwardRecord, layers: list[int], source: KVSource, pick: Pick
 ) -> tuple[Tensor, Tensor]:
     """:func:`select_kv` on a reference record; the ``hidden`` source projects with the reference's weights."""
-    if source == "kv":
+    if source in ("kv", "kv_normed"):
         return select_kv(record, layers, source, pick)
     if reference is None:
         raise RuntimeError("source 'hidden' needs the module's reference (call setup)")
@@ -104,7 +105,7 @@ def reference_kv(
 
 def kv_needs(source: KVSource) -> frozenset[Need]:
     """What a forward must record to read keys and values from ``source``."""
-    return frozenset({"kv"}) if source == "kv" else frozenset({"hidden_states"})
+    return frozenset({source}) if source in ("kv", "kv_normed") else frozenset({"hidden_states"})
 
 
 def batch_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

@@ -24,7 +24,8 @@ class HiddenStateDrift(Regularizer):
 
     Mukhoti et al. 2024, "Fine-tuning can cripple your foundation model; preserving features may be the
     solution" (LDIFS, TMLR), as applied against emergent misalignment by Kaczér et al. 2025, "In-training
-    defenses against emergent misalignment" (the paper's related-work baselines). Needs a reference forward on every batch.
+    defenses against emergent misalignment" (the paper's related-work baselines). Needs a reference forward on
+    every batch.
 
     Args:
         weight: The regularization strength lambda.

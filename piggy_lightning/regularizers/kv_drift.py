@@ -1,4 +1,4 @@
-"""TReFT: keep the attention keys and values of chosen tokens close to the initial model's (SCIENCE.md §4).
+"""TReFT: keep the attention keys and values of chosen tokens close to the initial model's (paper §5.1).
 
 For layer l and regularized positions T the penalty is the mean squared relative drift
 ``L_K(l) = mean_{t in T} ||k_t - k_t^init||^2 / ||k_t^init||^2`` (the norm over the whole ``k_proj`` output, all KV
@@ -10,9 +10,12 @@ heads together), the same ``L_V(l)`` for values, and ``L_KV = mean_l (L_K(l) + L
 * :class:`KVDrift`: query-dependent positions (query, postfix, prompt, ...) against a reference forward on each
   batch, or the release's postfix approximation (one reference taken from a single training example).
 
-``source`` picks what "keys and values" means: ``kv`` records the real ``k_proj``/``v_proj`` outputs (after the
-input norm, before RoPE; the paper's wording and the patching code), ``hidden`` applies ``k_proj``/``v_proj`` to
-the pre-norm residual stream ``hidden_states[l]`` as the released training code does (SCIENCE.md §4.2 item 3).
+``source`` picks what "keys and values" means: ``kv`` (the default) records the real ``k_proj``/``v_proj`` outputs
+(after the input norm, before RoPE; the paper's wording, and what the patching code replaces); ``kv_normed`` takes
+the keys after the per-head ``k_norm`` of Qwen3-style attention, i.e. what actually enters RoPE and the cache (on
+Qwen3 a finetuned ``k_norm`` can move the cached keys while ``k_proj`` stays put; models without ``k_norm`` raise);
+``hidden`` applies ``k_proj``/``v_proj`` to the pre-norm residual stream ``hidden_states[l]`` as the released
+training code does. ``kv`` stays the default because it is the paper's definition and exists on every model.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ class _KVDriftBase(Regularizer):
         active_until: float,
     ) -> None:
         super().__init__(weight, name)
-        if source not in ("kv", "hidden"):
-            raise ValueError(f"source must be 'kv' or 'hidden', got {source!r}")
+        if source not in ("kv", "kv_normed", "hidden"):
+            raise ValueError(f"source must be 'kv', 'kv_normed' or 'hidden', got {source!r}")
         if threshold < 0 or not 0.0 <= active_from < active_until <= 1.0:
             raise ValueError(
                 f"need threshold >= 0 and 0 <= active_from < active_until <= 1, got {threshold}, "
@@ -102,8 +105,9 @@ class PrefixKVDrift(_KVDriftBase):
         weight: The regularization strength lambda (Table 15: 1-30).
         name: Metric name (``train/reg/<name>``); default ``prefix_kv``.
         layers: Decoder layers to regularize (negative counts from the end); None means all layers.
-        source: ``kv``: the real key/value projection outputs (paper); ``hidden``: ``k_proj``/``v_proj`` applied
-            to the pre-norm residual stream, as the released training code does (for fidelity runs).
+        source: ``kv``: the real key/value projection outputs (paper); ``kv_normed``: keys after Qwen3's
+            ``k_norm``; ``hidden``: ``k_proj``/``v_proj`` applied to the pre-norm residual stream, as the released
+            training code does (for fidelity runs).
         threshold: Hinge: the loss adds ``max(weight * L_KV - threshold, 0)``; the release configs use 0.
         active_from: Fraction of training steps after which the penalty switches on.
         active_until: Fraction of training steps after which it switches off (1 = until the end).
@@ -205,8 +209,8 @@ class KVDrift(_KVDriftBase):
             batch, and compared with the last occurrence of the span in every row (prefix or postfix only; no
             reference forward per step; each process of a multi-device run takes its own).
         layers: Decoder layers to regularize (negative counts from the end); None means all layers.
-        source: ``kv``: the real key/value projection outputs; ``hidden``: projections of the pre-norm residual
-            stream, as in the released training code.
+        source: ``kv``: the real key/value projection outputs; ``kv_normed``: keys after Qwen3's ``k_norm``;
+            ``hidden``: projections of the pre-norm residual stream, as in the released training code.
         threshold: Hinge: the loss adds ``max(weight * L_KV - threshold, 0)``.
         active_from: Fraction of training steps after which the penalty switches on.
         active_until: Fraction of training steps after which it switches off (1 = until the end).
