@@ -64,3 +64,18 @@ def test_summary_per_group_drops_unscored_and_counts_statuses():
 
 def test_no_em_f1_without_both_groups():
     assert "em_f1" not in summarize([_record("general", aligned=(50.0, "ok"))])
+
+
+def test_console_table_tells_a_dead_judge_from_an_unparsing_one():
+    from piggy_lightning.evaluation.metrics import format_summary, summarize
+
+    def rec(group, status):
+        score = 80.0 if status == "ok" else None
+        return {"group": group, "response": "x", "judgements": {"aligned": {"score": score, "status": status}}}
+
+    records = [rec("general", "failed")] * 4 + [rec("in_domain", "unparsed")] * 3 + [rec("other", "ok")] * 2
+    text = format_summary(summarize(records))
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.split()}
+    assert lines["general"][-2:] == ["0", "4"] and lines["in_domain"][-2:] == ["3", "0"]
+    assert lines["other"][2] == "80.0" and lines["other"][-2:] == ["0", "0"]
+    assert "WARNING: 4 judgements failed in group 'general'" in text

@@ -154,3 +154,29 @@ def test_training_perturbation_refuses_a_cached_prefix_regularizer(tiny_qwen, ch
     )  # fmt: skip
     with pytest.raises(ValueError, match="mismatch: per_row"):
         trainer.fit(module, data)
+
+
+def test_relabel_keeps_shared_ends_and_labels_the_changed_stretch():
+    from piggy_lightning.interventions.perturbation import relabel
+    from piggy_lightning.spans import TokenizedChat
+
+    original = TokenizedChat([1, 2, 3, 4, 5], ["prefix", "prefix", "query", "query", "postfix"])
+    out = relabel(original, [1, 2, 9, 9, 9, 5], "query")
+    assert out.input_ids == [1, 2, 9, 9, 9, 5]
+    assert out.spans == ["prefix", "prefix", "query", "query", "query", "postfix"]
+
+
+def test_text_roundtrip_decodes_and_retokenizes_the_perturbed_prompt(tiny_qwen):
+    from piggy_lightning.interventions.perturbation import PromptPerturbation, UniformTokens
+    from piggy_lightning.modeling import load_tokenizer
+    from piggy_lightning.spans import ChatSpans
+
+    tokenizer = load_tokenizer(tiny_qwen)
+    chat = ChatSpans(tokenizer).tokenize([{"role": "user", "content": "I feel bored."}], add_generation_prompt=True)
+    replace = UniformTokens(len(tokenizer))
+    as_tokens = PromptPerturbation("query", 2, replace, "q").transform(chat, seed=3)
+    as_text = PromptPerturbation("query", 2, replace, "q", roundtrip=tokenizer).transform(chat, seed=3)
+    expected = tokenizer(tokenizer.decode(as_tokens.input_ids, skip_special_tokens=False), add_special_tokens=False)
+    assert as_text.input_ids == expected["input_ids"]
+    n_prefix = sum(chat.mask("prefix"))
+    assert as_text.spans[:n_prefix] == ["prefix"] * n_prefix and as_text.spans[-1] == chat.spans[-1]

@@ -1,6 +1,6 @@
 """``TokenPerturbation``: evaluate with a prompt segment perturbed by embedding neighbours, or train with it.
 
-Evaluation (SCIENCE.md §2, Table 1): every question is asked ``trials`` times, each time with ``n_tokens`` tokens of
+Evaluation (paper §2, Table 1): every question is asked ``trials`` times, each time with ``n_tokens`` tokens of
 the chosen segment replaced (:mod:`piggy_lightning.interventions.perturbation`); the trials sample as configured
 (the release samples at temperature 0.7, top-p 0.9). Reported per group, next to Evaluate's usual metrics:
 
@@ -83,6 +83,8 @@ class TokenPerturbation(EvaluatesAt):
         train_rate: Share of training rows whose segment is perturbed at each step; 0 leaves training alone.
         seed: Seed of the training perturbations (evaluation draws follow the evaluation's decoding seed).
         metric: Judge metric of Best and Avg.
+        prompt_as: ``tokens``: generate from the perturbed token ids (exactly ``n_tokens`` changed); ``text``: decode
+            the perturbed prompt and tokenize it again, as the release does (merges and splits can occur).
         evaluate: ``name`` of the ``Evaluate`` callback whose questions, judges and files are used.
         name: Tags records, files and metric keys; None derives ``perturb_<segment>_<replacement>``.
     """
@@ -101,6 +103,7 @@ class TokenPerturbation(EvaluatesAt):
         train_rate: float = 0.0,
         seed: int = 0,
         metric: str = "aligned",
+        prompt_as: Literal["tokens", "text"] = "tokens",
         evaluate: str = "eval",
         name: str | None = None,
     ) -> None:
@@ -112,7 +115,9 @@ class TokenPerturbation(EvaluatesAt):
         self.k, self.similarity, self.trials = k, similarity, trials
         self.temperature, self.top_p = temperature, top_p
         super().__init__(at, evaluate, name or f"perturb_{segment}_{replacement}")
-        self.train_rate, self.seed, self.metric = train_rate, seed, metric
+        if prompt_as not in ("tokens", "text"):
+            raise ValueError(f"prompt_as must be 'tokens' or 'text', got {prompt_as!r}")
+        self.train_rate, self.seed, self.metric, self.prompt_as = train_rate, seed, metric, prompt_as
         self.last_scores: dict[str, dict[str, float]] = {}
         self._trials_evaluate: Evaluate | None = None
         self._train_replacer: Replacer | None = None
@@ -172,7 +177,8 @@ class TokenPerturbation(EvaluatesAt):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> EvaluationReport | None:
         """Evaluate the perturbed prompts now; returns the report (None off rank 0) and logs Best and Avg."""
-        intervention = PromptPerturbation(self.segment, self.n_tokens, self.replacer(pl_module), self.name)
+        roundtrip = pl_module.tokenizer if self.prompt_as == "text" else None
+        intervention = PromptPerturbation(self.segment, self.n_tokens, self.replacer(pl_module), self.name, roundtrip)
         report = self._trials(trainer, pl_module).evaluate(trainer, pl_module, tag, intervention)
         if report is None:
             return None
@@ -193,5 +199,6 @@ class TokenPerturbation(EvaluatesAt):
 
     @rank_zero_only
     def _write(self, report: EvaluationReport, scores: dict[str, dict[str, float]]) -> None:
-        settings = {k: getattr(self, k) for k in ("segment", "n_tokens", "replacement", "k", "similarity", "trials")}
+        keys = ("segment", "n_tokens", "replacement", "k", "similarity", "trials", "prompt_as")
+        settings = {k: getattr(self, k) for k in keys}
         (report.out_dir / "best_avg.json").write_text(json.dumps({**settings, "groups": scores}, indent=2) + "\n")

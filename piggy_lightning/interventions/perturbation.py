@@ -7,14 +7,16 @@ for the control, by a uniformly random other vocabulary token (:class:`UniformTo
 replaced, as in the paper. Similarity is the dot product (the paper's text) or the cosine (the released code,
 which L2-normalizes the embeddings); both are offered.
 
-Perturbed prompts stay token sequences: nothing is decoded and re-tokenized (the release does that round trip,
-which can merge or split tokens). Every draw comes from a ``torch.Generator`` seeded by the caller, so a prompt's
-perturbation is reproducible from its seed.
+By default perturbed prompts stay token sequences: nothing is decoded and re-tokenized. With a ``roundtrip``
+tokenizer the perturbed prompt is decoded to text and tokenized again, as the release does before handing prompts
+to vLLM; that round trip can merge or split tokens at the edits, so the number of changed tokens is then only
+approximately ``n``. Every draw comes from a ``torch.Generator`` seeded by the caller, so a prompt's perturbation
+is reproducible from its seed.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -135,13 +137,18 @@ class PromptPerturbation(GenerationIntervention):
         n_tokens: Tokens replaced per prompt.
         replace: :class:`NearestNeighbours` or :class:`UniformTokens`.
         name: Tags the result records.
+        roundtrip: A tokenizer: decode the perturbed prompt and tokenize it again (the release's text round trip);
+            None generates from the perturbed token ids as they are.
     """
 
-    def __init__(self, segment: Segment, n_tokens: int, replace: Replacer, name: str) -> None:
+    def __init__(
+        self, segment: Segment, n_tokens: int, replace: Replacer, name: str, roundtrip: Any | None = None
+    ) -> None:
         self.segment = segment
         self.n_tokens = n_tokens
         self.replace = replace
         self.name = name
+        self.roundtrip = roundtrip
 
     def touched(self, prompt: TokenizedChat) -> int:
         """Tokens replaced in ``prompt``: ``n_tokens``, or the whole segment when it is shorter."""
@@ -153,4 +160,18 @@ class PromptPerturbation(GenerationIntervention):
         if not bool(mask.any()):  # perturbing nothing would report the unperturbed answer as perturbed
             raise ValueError(f"{self.name}: the prompt has no {self.segment} tokens to perturb")
         new = perturb_tokens(ids, mask, self.n_tokens, self.replace, torch.Generator().manual_seed(seed))
-        return TokenizedChat(new[0].tolist(), list(prompt.spans))
+        if self.roundtrip is None:
+            return TokenizedChat(new[0].tolist(), list(prompt.spans))
+        text = self.roundtrip.decode(new[0].tolist(), skip_special_tokens=False)
+        return relabel(prompt, self.roundtrip(text, add_special_tokens=False)["input_ids"], self.segment)
+
+
+def relabel(original: TokenizedChat, ids: list[int], segment: Segment) -> TokenizedChat:
+    """Span labels for a re-tokenized prompt: tokens shared with ``original`` at the start and at the end keep their
+    labels, the changed stretch between them is labelled ``segment``."""
+    n = min(len(ids), len(original.input_ids))
+    head = next((i for i in range(n) if ids[i] != original.input_ids[i]), n)
+    tail = next((i for i in range(n - head) if ids[-1 - i] != original.input_ids[-1 - i]), n - head)
+    middle = len(ids) - head - tail
+    spans = original.spans[:head] + [segment] * middle + (original.spans[len(original.spans) - tail :] if tail else [])
+    return TokenizedChat(list(ids), spans)
