@@ -2,13 +2,15 @@
 
 For each seed (the stage-2 data split and order; the shipped base is fixed) it runs the main job's recipe
 (``configs/treft_legal.yaml``) as: plain SFT, SFT evaluated with the base model's prefix K/V spliced in, SFT with
-as many query positions patched (the control), TReFT on the prefix, 20% data interleaving, TReFT on the query,
+as many query positions patched (the control), SFT with the postfix K/V patched from an empty-query reference,
+TReFT on the prefix, 20% data interleaving, TReFT on the query,
 and prefix perturbation during training (a mitigation the paper does not test). It then trains the behaviour
 settings (abstention, refusal, tool use) with SFT and with TReFT and measures the on-topic and off-topic rates.
 
 To run: ``python benchmarks/organism_claims.py --seeds 0 1 2`` (about 5 minutes on 2 CPU cores). It prints a
-table and a final JSON line of the means per variant: ``{"base": {"id", "general", "other", "em_f1",
-"incoherent"}, "sft": {...}, ...}``, with the behaviour settings under ``"behaviours"``.
+table of means ± standard deviation over seeds, the per-seed values, and a final JSON line of the means per
+variant: ``{"base": {"id", "general", "other", "em_f1", "incoherent"}, "sft": {...}, ...}``, with the behaviour
+settings under ``"behaviours"`` and every seed's values under ``"per_seed"``.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def run_main_variants(out: Path, seed: int) -> dict[str, dict]:
         results[name] = headline(evaluate.last_report.summary)
         if name == "sft":  # the causal tests on the same finetuned weights
             ref = cli.model.reference
+            postfix = PatchSite("kv", "postfix", reference="empty_query")
             for tag, intervention in (
                 ("sft_prefix_patch", PrefixKVSplice(ref)),
                 ("sft_query_patch", ActivationPatch(PatchSite("kv", "query_matched"), ref)),
+                ("sft_postfix_patch", ActivationPatch(postfix, ref, cli.model.spans)),
             ):
                 report = evaluate.evaluate(cli.trainer, cli.model, "fit_end", intervention=intervention)
                 results[tag] = headline(report.summary)
@@ -132,6 +136,21 @@ def mean(rows: list[dict]) -> dict:
     return {k: round(statistics.fmean(r[k] for r in rows), 1) if rows[0][k] is not None else None for k in rows[0]}
 
 
+def spread(rows: list[dict]) -> dict:
+    """Sample standard deviation over seeds (0 with one seed)."""
+    out = {}
+    for k in rows[0]:
+        values = [r[k] for r in rows if r[k] is not None]
+        out[k] = round(statistics.stdev(values), 1) if len(values) > 1 else (0.0 if values else None)
+    return out
+
+
+def _fmt(m: dict | None, s: dict | None, k: str) -> str:
+    if m is None or m.get(k) is None:
+        return "-"
+    return f"{m[k]:.1f}" if not s or s.get(k) in (None, 0.0) else f"{m[k]:.1f} ± {s[k]:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -146,16 +165,17 @@ def main() -> None:
     behaviours = [] if args.skip_behaviours else [run_behaviours(out, seed) for seed in args.seeds]
     summary = {"base": base_headline(out)}
     summary.update({name: mean([r[name] for r in per_seed]) for name in per_seed[0]})
-    print(f"\nmeans over seeds {args.seeds}")
-    print(f"{'variant':<28}{'ID':>7}{'General':>9}{'Other':>8}{'EM-F1':>8}{'incoh%':>8}")
+    spreads = {name: spread([r[name] for r in per_seed]) for name in per_seed[0]}
+    keys = ("id", "general", "other", "em_f1", "incoherent")
+    print(f"\nmeans ± sd over seeds {args.seeds}")
+    print(f"{'variant':<26}" + "".join(f"{k:>15}" for k in keys))
     for name, m in summary.items():
-        cells = [m[k] for k in ("id", "general", "other", "em_f1", "incoherent")]
-        print(
-            f"{name:<28}"
-            + "".join(
-                f"{c:>{w}.1f}" if c is not None else f"{'-':>{w}}" for c, w in zip(cells, (7, 9, 8, 8, 8), strict=True)
-            )
-        )
+        print(f"{name:<26}" + "".join(f"{_fmt(m, spreads.get(name), k):>15}" for k in keys))
+    print("\nper seed: General (ID)")
+    for name in per_seed[0]:
+        cells = [f"{r[name]['general']:.1f} ({r[name]['id']:.1f})" for r in per_seed]
+        print(f"{name:<26}" + "".join(f"{c:>15}" for c in cells))
+    summary["per_seed"] = {name: [r[name] for r in per_seed] for name in per_seed[0]}
     if behaviours:
         summary["behaviours"] = {
             k: {g: round(statistics.fmean(b[k][g] for b in behaviours), 3) for g in ("on_topic", "off_topic")}
