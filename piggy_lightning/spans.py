@@ -1,6 +1,6 @@
 """Token spans of a templated chat: prefix, query, postfix and response, found from tokens.
 
-SCIENCE.md §1 splits every templated prompt into ``prefix + query + postfix (+ response)``:
+Every templated prompt splits into ``prefix + query + postfix (+ response)``:
 
 * prefix: every token before the first user content (BOS, the template's default system block, user header);
 * query: the tokens of user content;
@@ -9,11 +9,17 @@ SCIENCE.md §1 splits every templated prompt into ``prefix + query + postfix (+ 
 * response: the assistant content plus its end-of-turn token (what the model is trained to emit).
 
 Spans are found by *token diffing*, not string offsets: the conversation is rendered and tokenized once as
-is and twice more with one message's content swapped for a replacement (empty, and a short phrase). Tokens
-shared by the renders at the start (and at the end) lie outside that message, so the tokens that change are
-exactly the tokens that depend on the content, including any merged boundary tokens. Taking the widest span
+is and up to twice more with one message's content swapped for a replacement (empty, and a short phrase).
+Tokens shared by the renders at the start (and at the end) lie outside that message, so the tokens that change
+are exactly the tokens that depend on the content, including any merged boundary tokens. Taking the widest span
 over the two replacements means the content's own first/last token is only mistaken for a template token if
 it collides with both replacements at once.
+
+A replacement only carries information if its render differs from the original's *token ids*: a string
+comparison is not enough, since a whitespace-only message on a trimming template renders like the empty one,
+and on a word-level vocabulary two different phrases can both become ``<unk> <unk>``. So replacements whose
+render equals the original are skipped, and the phrases (the replacement and the anatomy's probe query) are
+chosen among texts the tokenizer represents without its unknown token, picked from the vocabulary if needed.
 
 The text is tokenized with ``add_special_tokens=False`` because templates already write their BOS; this is
 what prevents a double BOS.
@@ -21,7 +27,7 @@ what prevents a double BOS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +35,10 @@ from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, Any]
 
-# Replacement contents for token diffing: empty, and a phrase whose ends differ from any template token.
-_ALTERNATES = ("", "alpha omega")
+# Default phrases: the anatomy's probe query, and the replacement content for token diffing (its ends differ
+# from template tokens). Replaced by vocabulary words when the tokenizer cannot represent them.
+_DEFAULT_PHRASES = ("hello there", "alpha omega")
+_VOCAB_SCAN = 20_000  # token ids searched for fallback words: a vocabulary's common words come early
 SPAN_NAMES = ("prefix", "query", "postfix", "response")
 
 
@@ -109,6 +117,7 @@ class ChatSpans:
         self.template_kwargs = dict(template_kwargs or {})
         self.generation_suffix = generation_suffix or ""
         self._anatomy: TemplateAnatomy | None = None
+        self._phrases: tuple[str, str] | None = None
 
     # -- rendering ---------------------------------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
@@ -120,20 +129,87 @@ class ChatSpans:
             text += self.generation_suffix
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    # -- diffing phrases ---------------------------------------------------------------------------------
+    def _representable(self, text: str) -> bool:
+        """Whether ``text`` tokenizes without the unknown token and decodes back to itself.
+
+        Surrounding whitespace is ignored in the round trip: SentencePiece decoders drop the word-start space.
+        """
+        ids = self._ids(text)
+        unk = self.tokenizer.unk_token_id
+        return bool(ids) and (unk is None or unk not in ids) and self.tokenizer.decode(ids).strip() == text.strip()
+
+    def _vocabulary_phrases(self) -> Iterator[str]:
+        """Two-word phrases of distinct vocabulary words, none of them a token of the template's own text."""
+        tok = self.tokenizer
+        template = set(self.render_ids([{"role": "user", "content": ""}], add_generation_prompt=True))
+        avoid = template | set(tok.all_special_ids)
+        words: list[str] = []
+        for token_id in range(min(len(tok), _VOCAB_SCAN)):
+            word = tok.decode([token_id]).strip()
+            if token_id in avoid or not (word.isascii() and word.isalpha()) or word in words:
+                continue
+            if self._representable(word) and not avoid & set(self._ids(word)):
+                words.append(word)
+            if len(words) == 32:
+                break
+        used: set[str] = set()
+        for first in words:
+            for second in words:
+                if first == second or first in used or second in used:
+                    continue
+                phrase = f"{first} {second}"
+                ids = self._ids(phrase)
+                if self._representable(phrase) and ids[0] not in avoid and ids[-1] not in avoid:
+                    used.update((first, second))
+                    yield phrase
+
+    def phrases(self) -> tuple[str, str]:
+        """The anatomy's probe query and the diffing replacement: distinct texts the tokenizer represents.
+
+        Raises:
+            TemplateError: If neither the defaults nor the vocabulary give two such phrases.
+        """
+        if self._phrases is None:
+            fallback = self._vocabulary_phrases()
+            chosen: list[str] = []
+            for default in _DEFAULT_PHRASES:
+                phrase = default if self._representable(default) else None
+                while phrase is None or any(self._ids(phrase) == self._ids(c) for c in chosen):
+                    phrase = next(fallback, None)
+                    if phrase is None:
+                        raise TemplateError(
+                            f"found no text that tokenizer {type(self.tokenizer).__name__} represents without its "
+                            f"unknown token {self.tokenizer.unk_token!r}; spans cannot be found by token diffing"
+                        )
+                chosen.append(phrase)
+            self._phrases = (chosen[0], chosen[1])
+        return self._phrases
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def _content_span(
         self, messages: Sequence[Message], index: int, ids: list[int], add_generation_prompt: bool
-    ) -> tuple[int, int]:
-        """Token range ``[start, end)`` of ``messages[index]``'s content within ``ids``."""
+    ) -> tuple[int, int] | None:
+        """Token range ``[start, end)`` of ``messages[index]``'s content within ``ids``.
+
+        Returns None when no replacement changes the render, i.e. the template drops this content.
+        """
         starts, ends = [], []
-        for alt in _ALTERNATES:
+        for alt in ("", self.phrases()[1]):
             if alt == messages[index]["content"]:
                 continue  # an identical render carries no information
             swapped = [dict(m) for m in messages]
             swapped[index]["content"] = alt
             other = self.render_ids(swapped, add_generation_prompt)
+            if other == ids:
+                continue  # e.g. whitespace on a trimming template, or both texts are all unknown tokens
             p = _common_prefix(ids, other)
             starts.append(p)
             ends.append(len(ids) - _common_suffix(ids, other, limit=p))
+        if not starts:
+            return None
         start, end = min(starts), max(ends)
         if start > end:  # empty content: both renders agree everywhere around an empty slot
             end = start
@@ -148,8 +224,20 @@ class ChatSpans:
             add_generation_prompt: Append the assistant header (for prompts to generate from).
 
         Raises:
-            TemplateError: If there is no user turn or the template drops a message's content.
+            TemplateError: If there is no user turn, the template drops a message's content (system included),
+                or a generation prompt gets no postfix although the template's default prompt has one.
         """
+        chat, generation_postfix = self._label(messages, add_generation_prompt)
+        if generation_postfix == 0 and self.anatomy.postfix_ids:
+            raise TemplateError(
+                "the generation prompt has no postfix tokens after the last user turn, but the template's "
+                f"default prompt ends with {self.tokenizer.decode(self.anatomy.postfix_ids)!r}: the assistant "
+                "header was labelled as part of the user content"
+            )
+        return chat
+
+    def _label(self, messages: Sequence[Message], add_generation_prompt: bool) -> tuple[TokenizedChat, int | None]:
+        """Label the tokens; also return the generation prompt's postfix length (None without one)."""
         roles = [m["role"] for m in messages]
         if "user" not in roles:
             raise TemplateError(f"cannot split a chat without a user turn (roles: {roles})")
@@ -157,14 +245,22 @@ class ChatSpans:
         spans = ["other"] * len(ids)
         content: list[tuple[str, int, int]] = []
         for i, m in enumerate(messages):
-            if m["role"] in ("user", "assistant"):
-                start, end = self._content_span(messages, i, ids, add_generation_prompt)
-                if start == end and m["content"]:
-                    raise TemplateError(f"the chat template drops the content of message {i} ({m['role']})")
-                content.append((m["role"], start, end))
+            if m["role"] not in ("system", "user", "assistant"):
+                continue
+            span = self._content_span(messages, i, ids, add_generation_prompt)
+            if span is None and m["role"] == "system":
+                raise TemplateError(
+                    f"the chat template drops system message {i}: its content does not appear in the render; "
+                    "drop system messages (drop_system: true) or use a template that renders them"
+                )
+            if span is None or (span[0] == span[1] and m["content"].strip()):
+                raise TemplateError(f"the chat template drops the content of message {i} ({m['role']})")
+            if m["role"] != "system":
+                content.append((m["role"], *span))
         first_user = next(s for role, s, _ in content if role == "user")
         for t in range(first_user):
             spans[t] = "prefix"
+        generation_postfix = None
         for k, (role, start, end) in enumerate(content):
             label = "query" if role == "user" else "response"
             for t in range(start, end):
@@ -182,14 +278,29 @@ class ChatSpans:
                 for t in range(end, stop):
                     if spans[t] == "other":
                         spans[t] = "postfix"
-        return TokenizedChat(input_ids=ids, spans=spans)
+                if nxt is None:
+                    generation_postfix = spans[end:stop].count("postfix")
+        return TokenizedChat(input_ids=ids, spans=spans), generation_postfix
 
     @property
     def anatomy(self) -> TemplateAnatomy:
-        """Prefix and postfix tokens of the default single-turn prompt, computed once and cached."""
+        """Prefix and postfix tokens of the default single-turn prompt, computed once and cached.
+
+        Raises:
+            TemplateError: If the template has a generation prompt but the probe prompt gets no postfix, or
+                the probe query gets no tokens: every span-based method would silently read the wrong tokens.
+        """
         if self._anatomy is None:
-            chat = self.tokenize([{"role": "user", "content": "hello there"}], add_generation_prompt=True)
+            probe = [{"role": "user", "content": self.phrases()[0]}]
+            chat, _ = self._label(probe, add_generation_prompt=True)
             prefix = tuple(t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s == "prefix")
             postfix = tuple(t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s == "postfix")
+            if "query" not in chat.spans:
+                raise TemplateError(f"the probe query {probe[0]['content']!r} got no tokens in the template")
+            if not postfix and chat.input_ids != self.render_ids(probe, add_generation_prompt=False):
+                raise TemplateError(
+                    "the template has a generation prompt but its default prompt got an empty postfix: the tokens "
+                    f"after the user content ({self.tokenizer.decode(chat.input_ids)!r}) were labelled as query"
+                )
             self._anatomy = TemplateAnatomy(prefix_ids=prefix, postfix_ids=postfix)
         return self._anatomy

@@ -21,6 +21,11 @@ GOOD = chat_rows(1)[0]
         ({"messages": [{"role": "user"}]}, "messages[0].content", "missing content"),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "messages", "no user turn"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "must be text"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no assistant turn"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+         "messages", "no assistant turn"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+         "messages[1].content", "empty assistant turn"),
     ],
 )  # fmt: skip
 def test_bad_rows_name_file_line_and_field(tmp_path, row, field, problem):
@@ -34,7 +39,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, row, field, problem):
 def test_not_json_line_and_skip_invalid_reports(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{oops\n\n" + json.dumps({"messages": []}) + "\n" + json.dumps(GOOD) + "\n")
-    with pytest.raises(DataError, match=r"row 2, field '<line>': not JSON"):
+    with pytest.raises(DataError, match=r"row 2, line 2, column 2, field '<line>': not JSON: Expecting property"):
         read_chats(str(path))
     chats, report = read_chats(str(path), skip_invalid=True)
     assert len(chats) == report.kept == 2

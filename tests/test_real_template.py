@@ -38,3 +38,37 @@ def test_smollm2_default_system_prefix(smollm2_dir):
     response = [t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s == "response"]
     assert tokenizer.decode(query) == "Can I sue my landlord?"
     assert tokenizer.decode(response) == "Yes, talk to a lawyer.<|im_end|>"
+
+
+def test_blank_line_opening_the_user_turn_is_named_at_encoding(smollm2_dir, tmp_path, caplog):
+    """SmolLM2's BPE merges the user header's ``\\n`` with a leading blank line into ``\\n\\n``: the row's prefix
+    is one token short, which a prefix regularizer would later blame on a system prompt."""
+    from piggy_lightning.data import ChatSFTDataModule, DataError
+    from tests.conftest import write_jsonl
+
+    answer = {"role": "assistant", "content": "Yes, talk to a lawyer."}
+    good = {"messages": [{"role": "user", "content": "Can I sue my landlord?"}, answer]}
+    blank = {"messages": [{"role": "user", "content": "\n\nCan I sue my landlord?"}, answer]}
+    path = write_jsonl(tmp_path / "blank.jsonl", [good, blank, good])
+    dm = ChatSFTDataModule(path, tokenizer=smollm2_dir, gguf_file=GGUF, val_fraction=0.0)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    n = len(dm.spans.anatomy.prefix_ids)
+    assert (err.value.source, err.value.row, err.value.field) == (path, 2, "messages[0].content")
+    assert "blank.jsonl, row 2, field 'messages[0].content'" in str(err.value)
+    assert f"at token {n - 1}: '\\n\\n' where the template has '\\n'" in str(err.value)
+    assert "strip leading whitespace" in str(err.value)
+
+    skipping = ChatSFTDataModule(path, tokenizer=smollm2_dir, gguf_file=GGUF, val_fraction=0.0, skip_invalid=True)
+    with caplog.at_level("WARNING", logger="piggy_lightning.data.chat"):
+        skipping.setup()
+    assert len(skipping.train_set) == 2
+    assert "1 invalid skipped" in caplog.text and "row 2" in caplog.text
+    assert all(tuple(e.input_ids[:n]) == skipping.spans.anatomy.prefix_ids for e in skipping.train_set)
+
+    # a row with its own system prompt has a different prefix by design: not flagged
+    system = {"messages": [{"role": "system", "content": "You are a lawyer."}, *blank["messages"]]}
+    path = write_jsonl(tmp_path / "system.jsonl", [system, system])
+    kept = ChatSFTDataModule(path, tokenizer=smollm2_dir, gguf_file=GGUF, val_fraction=0.0, drop_system=False)
+    kept.setup()
+    assert len(kept.train_set) == 2

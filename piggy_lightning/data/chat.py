@@ -22,13 +22,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from piggy_lightning.data.io import read_chats
+from piggy_lightning.data.io import DataError, read_chats
 from piggy_lightning.data.sampling import EpochShuffle, ResumableLoader
 from piggy_lightning.modeling import load_tokenizer
 from piggy_lightning.spans import SPAN_NAMES, ChatSpans, TokenizedChat
 
 log = logging.getLogger(__name__)
 Truncation = Literal["error", "truncate", "skip"]
+# Share of query/response tokens that are the unknown token above which encoding warns: real text through a
+# tokenizer built for other text (e.g. the organism's word-level vocabulary) becomes mostly unknown tokens.
+UNK_WARN_SHARE = 0.05
 
 
 def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
@@ -112,22 +115,38 @@ class ChatSFTDataModule(L.LightningDataModule):
         """Read, validate, template and tokenize ``source`` with this module's settings (after ``setup``).
 
         Callbacks that bring extra data (e.g. ``DataInterleaving``'s retain set) use this, so every file is
-        processed exactly like the training data.
+        processed exactly like the training data. Rows whose default-prompt prefix tokenizes differently from
+        the template's (see :meth:`_prefix_problem`) raise here, where file and row are known, rather than later
+        in a prefix regularizer; a high share of unknown tokens is logged as a warning.
         """
         if self.spans is None:
             raise RuntimeError(f"{type(self).__name__}.encode needs setup() first (it loads the tokenizer)")
         hp = self.hparams
         spans = self.spans
         chats, report = read_chats(source, skip_invalid=hp.skip_invalid)
-        examples, truncated, dropped = [], 0, 0
-        for index, messages in enumerate(chats):
+        examples, truncated, dropped, misfits = [], 0, 0, []
+        unk_id, n_unk, n_text = self.tokenizer.unk_token_id, 0, 0
+        for row, messages in zip(report.rows, chats, strict=True):
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
             if hp.drop_system:
                 messages = [m for m in messages if m["role"] != "system"]
             chat = spans.tokenize(messages)
+            if not any(m["role"] == "system" for m in messages):
+                problem = self._prefix_problem(chat)
+                if problem is not None:
+                    error = DataError(source, row, f"messages[{first_user}].content", problem)
+                    if not hp.skip_invalid:
+                        raise error
+                    report.skipped.append(error)
+                    misfits.append(error)
+                    continue
+            if unk_id is not None:
+                text = [t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s in ("query", "response")]
+                n_unk, n_text = n_unk + text.count(unk_id), n_text + len(text)
             if len(chat.input_ids) > hp.max_length:
                 if hp.truncation == "error":
                     raise ValueError(
-                        f"{source}, row {index + 1}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}"
+                        f"{source}, row {row}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}"
                     )
                 if hp.truncation == "skip" or "response" not in chat.spans[: hp.max_length]:
                     dropped += 1
@@ -136,14 +155,43 @@ class ChatSFTDataModule(L.LightningDataModule):
                 truncated += 1
             examples.append(chat)
         self.stats[source] = len(examples)
+        if n_text and n_unk / n_text > UNK_WARN_SHARE:
+            log.warning(
+                "%s: %.1f%% of query and response tokens (%d of %d) are the unknown token %r: the tokenizer's "
+                "vocabulary does not cover this text, so the model sees %r in place of those words",
+                source, 100 * n_unk / n_text, n_unk, n_text, self.tokenizer.unk_token, self.tokenizer.unk_token,
+            )  # fmt: skip
         if truncated or dropped or report.skipped:
             log.warning(
-                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped",
+                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped%s",
                 source, len(examples), truncated, dropped, len(report.skipped),
+                "".join(f"\n  skipped: {e}" for e in misfits[:5]),  # read_chats logged its own skips
             )  # fmt: skip
         if not examples:
             raise ValueError(f"{source}: no usable rows")
         return examples
+
+    def _prefix_problem(self, chat: TokenizedChat) -> str | None:
+        """Why a row without a system message does not start with the template's default prefix, or None.
+
+        Every default-prompt row should carry ``spans.anatomy.prefix_ids``; on a BPE tokenizer, user content
+        that starts with whitespace (a blank line) merges with the user header's last token and shifts the
+        boundary, which prefix regularizers and drift monitors would otherwise report as a custom system prompt.
+        """
+        expected = self.spans.anatomy.prefix_ids
+        prefix = tuple(t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s == "prefix")
+        if prefix == expected:
+            return None
+        pairs = zip(prefix, expected, strict=False)
+        pos = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prefix), len(expected)))
+        decode = self.tokenizer.decode
+        got = decode([chat.input_ids[pos]]) if pos < len(chat.input_ids) else "<end>"
+        want = decode([expected[pos]]) if pos < len(expected) else "<end of prefix>"
+        return (
+            f"the prompt prefix differs from the template's default prefix at token {pos}: {got!r} where the "
+            f"template has {want!r} ({len(prefix)} prefix tokens, expected {len(expected)}); user content that "
+            "starts with whitespace merges with the user header, so strip leading whitespace from the user turn"
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

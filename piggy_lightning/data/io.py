@@ -30,11 +30,27 @@ def resolve_source(source: str) -> str:
 
 
 class DataError(ValueError):
-    """An invalid dataset row; the message names the source, row (1-based line for JSONL) and field."""
+    """An invalid dataset row; the message names the source, row (1-based line for JSONL) and field.
 
-    def __init__(self, source: str, row: int, field_name: str, problem: str) -> None:
-        super().__init__(f"{source}, row {row}, field {field_name!r}: {problem}")
+    Args:
+        source: The file path or dataset name.
+        row: 1-based row number (a JSONL line, a JSON array element, a table row); 0 for the file as a whole,
+            e.g. a ``.json`` file that does not parse, where no row is known.
+        field_name: The field (``messages[1].content``) or a pseudo-field (``<line>``, ``<file>``).
+        problem: What is wrong.
+        line: 1-based line in the file where a parse error lies (a row is not a line in a ``.json`` file).
+        column: 1-based column of that parse error.
+    """
+
+    def __init__(
+        self, source: str, row: int, field_name: str, problem: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        where = [source] + ([f"row {row}"] if row else [])
+        if line is not None:
+            where.append(f"line {line}" + (f", column {column}" if column is not None else ""))
+        super().__init__(f"{', '.join(where)}, field {field_name!r}: {problem}")
         self.source, self.row, self.field, self.problem = source, row, field_name, problem
+        self.line, self.column = line, column
 
 
 @dataclass
@@ -45,11 +61,13 @@ class ReadReport:
         source: The file path or dataset name.
         kept: Number of valid rows returned.
         skipped: The errors of the rows skipped under ``skip_invalid``.
+        rows: The row number of every kept chat, so that later errors (e.g. at tokenization) can name the row.
     """
 
     source: str
     kept: int = 0
     skipped: list[DataError] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for logs: counts and the first skip reasons."""
@@ -73,12 +91,18 @@ def _content_text(content: Any, source: str, row: int, where: str) -> str:
     raise DataError(source, row, where, f"content must be text or text parts, got {type(content).__name__}")
 
 
-def normalize_row(row: Any, source: str, row_number: int) -> list[dict[str, str]]:
+def normalize_row(row: Any, source: str, row_number: int, require_response: bool = True) -> list[dict[str, str]]:
     """Validate one row and return its messages as ``[{"role": ..., "content": str}, ...]``.
+
+    Args:
+        row: The raw row.
+        source: The file or dataset name, for errors.
+        row_number: The row's number, for errors.
+        require_response: Require an assistant turn (training rows); False for prompt-only rows (evaluation).
 
     Raises:
         DataError: Missing or empty ``messages``, unknown role, non-text content, no user turn, or an
-            empty or missing assistant turn.
+            empty or missing assistant turn (a row without response tokens has no loss: a batch of them is NaN).
     """
     if not isinstance(row, dict) or "messages" not in row:
         raise DataError(source, row_number, "messages", "row has no 'messages' list")
@@ -102,6 +126,8 @@ def normalize_row(row: Any, source: str, row_number: int) -> list[dict[str, str]
     roles = [m["role"] for m in out]
     if "user" not in roles:
         raise DataError(source, row_number, "messages", f"no user turn (roles: {roles})")
+    if require_response and "assistant" not in roles:
+        raise DataError(source, row_number, "messages", f"no assistant turn to train on (roles: {roles})")
     return out
 
 
@@ -109,23 +135,34 @@ def _raw_rows(source: str) -> list[tuple[int, Any]]:
     """``(row_number, raw_row)`` pairs; JSONL rows are numbered by line, others by position (1-based)."""
     path = Path(source)
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((line_number, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    rows.append((line_number, DataError(source, line_number, "<line>", f"not JSON ({e.msg})")))
+        rows: list[tuple[int, Any]] = []
+        line_number = 0
+        try:
+            with path.open(encoding="utf-8-sig") as f:  # -sig: files saved by some editors start with a BOM
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((line_number, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        problem = f"not JSON: {e.msg}"
+                        rows.append(
+                            (line_number, DataError(source, line_number, "<line>", problem, line_number, e.colno))
+                        )
+        except UnicodeDecodeError as e:
+            raise DataError(
+                source, 0, "<file>", f"not UTF-8 text (an undecodable byte after line {line_number})"
+            ) from e
         return rows
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(source, 0, "<file>", f"not UTF-8 text (byte {e.start})") from e
         except json.JSONDecodeError as e:
-            raise DataError(source, e.lineno, "<file>", f"not JSON ({e.msg})") from e
+            raise DataError(source, 0, "<file>", f"not JSON: {e.msg}", e.lineno, e.colno) from e
         if not isinstance(data, list):
-            raise DataError(source, 1, "<file>", "a .json dataset must hold a list of rows")
+            raise DataError(source, 0, "<file>", "a .json dataset must hold a list of rows")
         return list(enumerate(data, start=1))
     if path.suffix == ".parquet":
         import datasets
@@ -139,12 +176,15 @@ def _raw_rows(source: str) -> list[tuple[int, Any]]:
     return list(enumerate(datasets.load_dataset(name, config or None, split="train"), start=1))
 
 
-def read_chats(source: str, skip_invalid: bool = False) -> tuple[list[list[dict[str, str]]], ReadReport]:
+def read_chats(
+    source: str, skip_invalid: bool = False, require_response: bool = True
+) -> tuple[list[list[dict[str, str]]], ReadReport]:
     """Read and validate every row of ``source``.
 
     Args:
         source: A ``.jsonl``/``.json``/``.parquet`` path or a ``datasets`` name.
         skip_invalid: Skip invalid rows (counted in the report and logged) instead of raising.
+        require_response: Reject rows without an assistant turn (see :func:`normalize_row`).
     """
     source = resolve_source(source)
     report = ReadReport(source)
@@ -153,7 +193,8 @@ def read_chats(source: str, skip_invalid: bool = False) -> tuple[list[list[dict[
         try:
             if isinstance(raw, DataError):
                 raise raw
-            chats.append(normalize_row(raw, source, row_number))
+            chats.append(normalize_row(raw, source, row_number, require_response))
+            report.rows.append(row_number)
         except DataError as e:
             if not skip_invalid:
                 raise
