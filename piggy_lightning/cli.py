@@ -42,3 +42,4 @@ class PiggyCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.gguf_file", "data.init_args.gguf_file")
         parser.link_arguments("model.chat_template_kwargs", "data.init_args.chat_template_kwargs")
+        parser.link_arguments("model.postfix_exclude", "data.init_args.postfix_exclude")

@@ -57,6 +57,8 @@ class PiggyModule(L.LightningModule):
             key/value hooks that TReFT records keep their gradients).
         generation_suffix: Text appended to generation prompts (evaluation), e.g. ``<|channel|>final<|message|>`` so
             that GPT-OSS answers in its final channel as in the paper's code; it counts as postfix.
+        postfix_exclude: Template text ending a postfix that is labelled ``other`` instead (e.g. Qwen3's empty
+            think block, which the release's patching code excludes); None keeps the whole postfix.
         init: ``pretrained`` loads the weights; ``random`` builds the model from its config, seeded by
             ``seed_everything`` (used to pretrain the embedded organism).
     """
@@ -73,6 +75,7 @@ class PiggyModule(L.LightningModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         generation_suffix: str | None = None,
+        postfix_exclude: str | None = None,
         init: Literal["pretrained", "random"] = "pretrained",
     ) -> None:
         super().__init__()
@@ -92,6 +95,7 @@ class PiggyModule(L.LightningModule):
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.init = init
         self.generation_suffix = generation_suffix
+        self.postfix_exclude = postfix_exclude
         self.gradient_checkpointing = gradient_checkpointing
         self.policy: torch.nn.Module | None = None
         self.reference: Reference | None = None
@@ -106,7 +110,7 @@ class PiggyModule(L.LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
-        self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs, self.generation_suffix)
+        self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs, self.generation_suffix, self.postfix_exclude)
         policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
         if self.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

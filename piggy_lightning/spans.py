@@ -103,6 +103,10 @@ class ChatSpans:
             for Qwen3, ``{"date_string": "26 Jul 2024"}`` for Llama-3.1).
         generation_suffix: Text appended to every generation prompt, counted as postfix: e.g.
             ``<|channel|>final<|message|>`` makes GPT-OSS answer in its final channel, as the paper's code does.
+        postfix_exclude: Template text that ends a postfix but is labelled ``other``, not ``postfix``: e.g. Qwen3's
+            empty think block ``<think>\n\n</think>\n\n``, which the release's patching code leaves out of the
+            postfix by default (its training configs include it). None keeps every postfix token. A generation
+            prompt whose postfix does not end with it raises.
     """
 
     def __init__(
@@ -110,12 +114,14 @@ class ChatSpans:
         tokenizer: PreTrainedTokenizerBase,
         template_kwargs: dict[str, Any] | None = None,
         generation_suffix: str | None = None,
+        postfix_exclude: str | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError(f"tokenizer {type(tokenizer).__name__} has no chat_template; spans need one")
         self.tokenizer = tokenizer
         self.template_kwargs = dict(template_kwargs or {})
         self.generation_suffix = generation_suffix or ""
+        self.postfix_exclude = postfix_exclude or None
         self._anatomy: TemplateAnatomy | None = None
         self._phrases: tuple[str, str] | None = None
 
@@ -278,9 +284,26 @@ class ChatSpans:
                 for t in range(end, stop):
                     if spans[t] == "other":
                         spans[t] = "postfix"
+                if self.postfix_exclude is not None:
+                    self._exclude_tail(ids, spans, end, stop, required=nxt is None)
                 if nxt is None:
                     generation_postfix = spans[end:stop].count("postfix")
         return TokenizedChat(input_ids=ids, spans=spans), generation_postfix
+
+    def _exclude_tail(self, ids: list[int], spans: list[str], start: int, stop: int, required: bool) -> None:
+        """Relabel the postfix tokens at the end of ``[start, stop)`` that spell ``postfix_exclude`` as ``other``."""
+        for k in range(1, stop - start + 1):
+            text = self.tokenizer.decode(ids[stop - k : stop])
+            if text == self.postfix_exclude:
+                spans[stop - k : stop] = ["other"] * k
+                return
+            if len(text) > len(self.postfix_exclude):
+                break
+        if required:
+            raise TemplateError(
+                f"postfix_exclude {self.postfix_exclude!r} does not end the generation prompt's postfix "
+                f"{self.tokenizer.decode(ids[start:stop])!r}"
+            )
 
     @property
     def anatomy(self) -> TemplateAnatomy:

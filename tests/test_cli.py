@@ -64,3 +64,11 @@ def test_debug_overlay_keeps_evaluation_files_in_a_run_directory(tmp_path, monke
     cli.trainer.fit(cli.model, cli.datamodule)
     assert not (tmp_path / "eval").exists()
     assert (tmp_path / "runs" / "debug" / "eval" / "fit_end" / "summary.json").exists()
+
+
+def test_postfix_exclude_is_linked_from_model_to_data(monkeypatch):
+    monkeypatch.setattr(PiggyModule, "configure_model", lambda self: None)
+    think = "<think>\n\n</think>\n\n"
+    args = ["--config", str(ROOT / "configs" / "treft_legal.yaml"), "--model.postfix_exclude", think]
+    cli = PiggyCLI(run=False, args=args)
+    assert cli.model.postfix_exclude == think and cli.datamodule.hparams.postfix_exclude == think

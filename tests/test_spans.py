@@ -138,3 +138,19 @@ def test_harmony_template_with_a_final_channel_generation_suffix():
     assert chat.input_ids[: len(prompt.input_ids)] == prompt.input_ids
     assert tokenizer.decode(spans.anatomy.postfix_ids) == "<|end|><|start|>assistant<|channel|>final<|message|>"
     assert ChatSpans(tokenizer).anatomy.postfix_ids != spans.anatomy.postfix_ids  # without it, no final channel
+
+
+def test_qwen3_think_block_can_be_left_out_of_the_postfix():
+    """The release's patching code leaves Qwen3's empty think block out of the postfix; its training config keeps
+    it. Both are offered; the default keeps it (the case table above)."""
+    tokenizer = build_tokenizer("qwen3")
+    think = "<think>\n\n</think>\n\n"
+    spans = ChatSpans(tokenizer, {"enable_thinking": False}, postfix_exclude=think)
+    for chat in (spans.tokenize(CHAT), spans.tokenize(CHAT[:1], add_generation_prompt=True)):
+        assert _decode(tokenizer, chat, "postfix") == "<|im_end|>\n<|im_start|>assistant\n"
+        assert _decode(tokenizer, chat, "other").startswith(think)
+        assert _decode(tokenizer, chat, "query") == "Can I break my lease early?"
+    assert tokenizer.decode(list(spans.anatomy.postfix_ids)) == "<|im_end|>\n<|im_start|>assistant\n"
+    wrong = ChatSpans(build_tokenizer("qwen25"), postfix_exclude=think)
+    with pytest.raises(TemplateError, match="does not end the generation prompt's postfix"):
+        wrong.tokenize(CHAT[:1], add_generation_prompt=True)

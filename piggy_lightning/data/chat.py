@@ -65,6 +65,7 @@ class ChatSFTDataModule(L.LightningDataModule):
         tokenizer: Tokenizer id or directory (linked to ``model.model_name_or_path`` by the CLI).
         gguf_file: GGUF file name when the tokenizer comes from a GGUF checkpoint (linked to the model's).
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (linked to the model's).
+        postfix_exclude: Template text ending a postfix that is labelled ``other`` (linked to the model's).
         drop_system: Drop system messages so the template's default system prompt is used (the paper's setting).
         val_fraction: Share of training rows held out for validation when ``val_data`` is None.
         seed: Seed of the train/validation split and of the per-epoch shuffle.
@@ -86,6 +87,7 @@ class ChatSFTDataModule(L.LightningDataModule):
         tokenizer: str = "piggy/organism",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        postfix_exclude: str | None = None,
         drop_system: bool = True,
         val_fraction: float = 0.1,
         seed: int = 0,
@@ -198,7 +200,7 @@ class ChatSFTDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
-        self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs)
+        self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs, postfix_exclude=hp.postfix_exclude)
         examples = self.encode(hp.train_data)
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self.encode(hp.val_data)
