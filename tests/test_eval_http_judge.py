@@ -1,6 +1,10 @@
 """The OpenAI-compatible judge against a real chat-completions server on 127.0.0.1 (stdlib, port 0).
 
-The server decides its reply from a marker in the judged answer (``kind=<name>``), and records every request.
+The server decides its reply from a marker in the judged answer (``kind=<name>``) and, for a few server emulations,
+from the requested model (``gpt-5-nano`` rejects ``temperature`` and ``max_tokens`` like OpenAI's reasoning models;
+``no-such-model`` is unknown). ``only_max_tokens`` makes it read only ``max_tokens`` (llama.cpp's server),
+``reported_model`` fixes the model it reports, ``stall_after`` holds requests beyond that count until ``release`` is
+set. It records every request with its arrival time; other test modules reuse it.
 """
 
 import json
@@ -12,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from piggy_lightning.evaluation import Decoding, Evaluation, PromptList
-from piggy_lightning.evaluation.judges import JudgeCache, JudgeRequest, OpenAIJudge, judge_with_cache
+from piggy_lightning.evaluation.judges import JudgeCache, JudgeConfigError, JudgeRequest, OpenAIJudge, judge_with_cache
 from piggy_lightning.spans import ChatSpans
 from tests.fixtures.tiny import build_model, build_tokenizer
 from tests.test_eval_questions import FIXTURES
@@ -20,19 +24,25 @@ from tests.test_eval_questions import FIXTURES
 KEY_ENV, SECRET = "PIGGY_TEST_JUDGE_KEY", "sk-test-7f3a9c1e-do-not-leak"
 
 
-def _completion(content, top=None):
+def _completion(content, top=None, model="judge"):
     choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
     if top is not None:
         entries = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top]
         first = {"token": top[0][0], "logprob": math.log(top[0][1]), "top_logprobs": entries}
         choice["logprobs"] = {"content": [first]}
-    return {"id": "cmpl-1", "object": "chat.completion", "model": "judge", "choices": [choice]}
+    return {"id": "cmpl-1", "object": "chat.completion", "model": model, "choices": [choice]}
+
+
+def _error(message, param=None, code=None):
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
 
 
 class _Server:
     def __init__(self):
         self.requests, self.attempts, self.lock = [], {}, threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.only_max_tokens, self.reported_model, self.stall_after = False, None, None
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,12 +52,18 @@ class _Server:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                    auth = self.headers.get("Authorization")
+                    server.requests.append({"path": self.path, "auth": auth, "body": body, "time": time.monotonic()})
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    stall = server.stall_after is not None and len(server.requests) > server.stall_after
                 self.counted = True
                 try:
+                    if stall:
+                        server.release.wait(timeout=30)
                     server.reply(self, body)
+                except OSError:  # the client went away (killed) while the reply was held
+                    pass
                 finally:
                     server.done(self)
 
@@ -62,8 +78,27 @@ class _Server:
         kind = prompt.split("kind=")[1].split()[0] if "kind=" in prompt else "good"
         with self.lock:
             attempt = self.attempts[prompt] = self.attempts.get(prompt, 0) + 1
-        if handler.headers.get("Authorization") != f"Bearer {SECRET}":
-            return self._send(handler, 401, b'{"error": "bad key"}')
+        auth = handler.headers.get("Authorization")
+        if auth != f"Bearer {SECRET}":  # echoes the header, as some proxies do
+            return self._send(handler, 401, _error(f"Incorrect API key provided: {auth}", code="invalid_api_key"))
+        model = self.reported_model or body["model"]
+        if body["model"] == "no-such-model":
+            return self._send(handler, 404, _error("The model `no-such-model` does not exist", code="model_not_found"))
+        if body["model"] == "gpt-5-nano":
+            model = "gpt-5-nano-2025-08-07"
+            if "temperature" in body:
+                msg = f"Unsupported value: 'temperature' does not support {body['temperature']} with this model."
+                return self._send(handler, 400, _error(msg, "temperature", "unsupported_value"))
+            if "max_tokens" in body:
+                msg = "Unsupported parameter: 'max_tokens' is not supported with this model."
+                return self._send(handler, 400, _error(msg, "max_tokens", "unsupported_parameter"))
+        if kind == "echo":
+            return self._send(handler, 500, _error(f"upstream saw Authorization: {auth} and key {SECRET}"))
+        if kind == "flagged":
+            return self._send(handler, 400, _error("Invalid prompt: flagged as potentially violating policy"))
+        if kind in ("ratelimited", "unavailable", "slowdown") and attempt == 1:
+            status, wait = {"ratelimited": (429, "1"), "unavailable": (503, "1"), "slowdown": (429, "30")}[kind]
+            return self._send(handler, status, _error("Rate limit reached"), {"Retry-After": wait})
         if kind == "flaky" and attempt <= 2:
             return self._send(handler, 500, b'{"error": "overloaded"}')
         if kind == "slow":
@@ -79,11 +114,15 @@ class _Server:
                 "code": [("CODE", 0.9), ("5", 0.05)],
                 "words": [("hello", 0.8), ("50", 0.2)],
                 "binary": [("1", 0.7), ("0", 0.3)],
+                "digits": [("1", 0.97), ("9", 0.01), ("8", 0.01), ("The", 0.01)],  # "100" split into "1", "0", "0"
             }
             top = tops.get(kind, [("85", 0.6), ("90", 0.3), ("foo", 0.1)])
-            return self._send(handler, 200, json.dumps(_completion(top[0][0], top)).encode())
+            return self._send(handler, 200, json.dumps(_completion(top[0][0], top, model)))
         texts = {"code": "CODE", "refused": "REFUSAL", "tagged": "Reasoning...\nANSWER: 1", "words": "no idea"}
-        return self._send(handler, 200, json.dumps(_completion(texts.get(kind, "72"))).encode())
+        text = texts.get(kind, "72")
+        if self.only_max_tokens and "max_tokens" not in body:  # llama.cpp: no cap, the judge rambles on
+            text = "Let me think about this answer. " * 400
+        return self._send(handler, 200, json.dumps(_completion(text, model=model)))
 
     def done(self, handler):
         """Leave the in-flight count once, before the reply can reach the client (else it could race ahead)."""
@@ -92,15 +131,19 @@ class _Server:
                 self.in_flight -= 1
                 handler.counted = False
 
-    def _send(self, handler, status, payload):
+    def _send(self, handler, status, payload, headers=None):
+        payload = payload.encode() if isinstance(payload, str) else payload
         self.done(handler)
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
         handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
         handler.wfile.write(payload)
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -131,6 +174,7 @@ def test_logprob_mode_weighted_scores(server):
     assert binary.score == pytest.approx(0.7)  # detectors: P(1) among {0, 1}
     body = server.requests[0]["body"]
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert "temperature" not in body  # the default sends none
     assert server.requests[0]["path"] == "/v1/chat/completions"
     assert "[ANSWER START]" in body["messages"][0]["content"]  # the built-in aligned prompt was rendered
 
@@ -144,7 +188,8 @@ def test_text_mode_parses_numbers_code_refusal(server):
     assert (code.score, code.status) == (None, "code") and (refused.score, refused.status) == (None, "refusal")
     assert (tagged.score, tagged.status) == (1.0, "ok") and words.status == "unparsed"
     body = server.requests[0]["body"]
-    assert "temperature" not in body and body["max_completion_tokens"] == 4000 and "logprobs" not in body
+    assert "temperature" not in body and "logprobs" not in body
+    assert body["max_completion_tokens"] == body["max_tokens"] == 4000  # vLLM reads either, llama.cpp max_tokens
 
 
 def test_server_errors_are_retried_until_success(server):
@@ -163,11 +208,13 @@ def test_timeouts_and_malformed_bodies_fail_without_a_score(server, kind):
     assert judge.stats["failed"] == 1 and judge.stats["retries"] == 1
 
 
-def test_client_errors_are_not_retried(server, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "wrong-key")
+def test_a_wrong_key_stops_the_judge_on_its_first_request(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "wrong-key-0123456789")
     judge = _judge(server)
-    (verdict,) = judge.judge([_req("good")])
-    assert verdict.status == "failed" and "401" in verdict.raw and len(server.requests) == 1
+    with pytest.raises(JudgeConfigError, match="HTTP 401.*API key") as err:
+        judge.judge([_req("good"), _req("good n=2"), _req("good n=3")])
+    assert err.value.status == 401 and len(server.requests) == 1  # not retried, and nothing else was sent
+    assert "wrong-key-0123456789" not in str(err.value) + err.value.detail  # the echoed key is redacted
 
 
 def test_missing_key_fails_fast_naming_the_variable(server, monkeypatch):
@@ -209,11 +256,12 @@ def test_evaluation_reads_the_key_from_env_and_never_writes_it(server, tmp_path)
         judge_cache=tmp_path / "out" / "judge_cache.sqlite",
     )  # fmt: skip
     report = evaluation.run(model, tokenizer, ChatSpans(tokenizer), tmp_path / "out", model_id="tiny")
-    assert len(server.requests) == 4 and all(r["auth"] == f"Bearer {SECRET}" for r in server.requests)
+    # one probe from check() before generation, then 2 questions x {aligned, coherent}
+    assert len(server.requests) == 5 and all(r["auth"] == f"Bearer {SECRET}" for r in server.requests)
     assert report.summary["groups"]["general"]["judge_failures"] == 0
     assert report.summary["groups"]["general"]["alignment"] == pytest.approx(86.6667, abs=1e-3)
     evaluation.run(model, tokenizer, ChatSpans(tokenizer), tmp_path / "out", model_id="tiny")
-    assert len(server.requests) == 4  # the rerun generated nothing new and hit the cache for every judgement
+    assert len(server.requests) == 5  # no second probe; nothing new generated, every judgement from the cache
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"responses.jsonl", "results.jsonl", "summary.json", "judge_cache.sqlite"}
     for path in written:

@@ -27,6 +27,13 @@ def _req(answer, metric="aligned"):
     return JudgeRequest("Q?", answer, metric)
 
 
+def number_tokenizer(template="qwen25"):
+    """The tiny BPE with "0".."100" added as whole tokens (as in Llama 3), so logprob mode can score 0-100."""
+    tokenizer = build_tokenizer(template)
+    tokenizer.add_tokens([str(n) for n in range(101)])
+    return tokenizer
+
+
 def test_logprob_score_is_the_weighted_mean_over_integer_tokens():
     """(0.5 * 80 + 0.25 * 100) / 0.75 = 86.67; "101" and "x" are ignored."""
     top = [("80", math.log(0.5)), (" 100", math.log(0.25)), ("101", math.log(0.1)), ("x", math.log(0.15))]
@@ -116,7 +123,7 @@ def test_metrics_route_to_detectors_then_llm_judges():
 
 
 def test_local_judge_scores_the_logprob_way(tmp_path):
-    tokenizer = build_tokenizer("qwen25")
+    tokenizer = number_tokenizer("qwen25")
     judge = LocalJudge.from_model(build_model("qwen2", len(tokenizer)), tokenizer, "tiny-judge", top_logprobs=50)
     verdicts = judge.judge([_req("fine"), _req("I don't know", "abstention"), _req("a much longer answer here")])
     assert len(verdicts) == 3 and judge.identity.startswith("local|tiny-judge")
@@ -127,7 +134,7 @@ def test_local_judge_scores_the_logprob_way(tmp_path):
 
 def test_local_judge_batches_like_single_prompts():
     """Left padding with true position ids: a batched verdict equals the same prompt judged alone."""
-    tokenizer = build_tokenizer("llama31")
+    tokenizer = number_tokenizer("llama31")
     model = build_model("llama", len(tokenizer))
     batched = LocalJudge.from_model(model, tokenizer, "t", batch_size=4)
     single = LocalJudge.from_model(model, tokenizer, "t", batch_size=1, min_numeric_mass=0.0)

@@ -1,24 +1,31 @@
 """Evaluation question sets in the formats users bring, each question tagged with an id and a group.
 
 * :class:`BetleyQuestions`: Betley et al.'s YAML (anchors, ``paraphrases``, ``samples_per_paraphrase``, an
-  optional ``system`` prompt that *is* used, per-question ``judge_prompts``).
-* :class:`PromptList`: a JSON list or CSV of prompts (the paper's 44-prompt "General" set has this shape).
+  optional ``system`` prompt that *is* used, per-question ``judge_prompts``). Betley's files are shipped:
+  ``piggy/betley/first_plot_questions.yaml`` (also ``preregistered_evals.yaml``, ``deception_factual.yaml``,
+  ``deception_sit_aware.yaml``).
+* :class:`PromptList`: a JSON list, JSONL or CSV of prompts (Zhao et al. 2026's 44-prompt "General" set,
+  ``core_misalignment.json`` in their release, has this shape).
 * :class:`HeldOutChats`: held-out rows of a chat JSONL; the first user turn is the question.
 
-Bad input raises :class:`~piggy_lightning.data.io.DataError` naming the file, row and field. Loading happens in
-:meth:`QuestionSet.load`, never in a constructor.
+Files are read as UTF-8 with or without a byte-order mark. Bad input raises
+:class:`~piggy_lightning.data.io.DataError` naming the file, row and field (JSON errors also the line and column),
+and so does a set that ends up with no questions. Loading happens in :meth:`QuestionSet.load`, never in a
+constructor.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from piggy_lightning.data.io import DataError, read_chats, resolve_source
+from piggy_lightning.data.io import DataError, _raw_rows, read_chats, resolve_source
+from piggy_lightning.evaluation.assets import resolve_asset
 
 _TEXT_FIELDS = ("question", "prompt", "query", "content", "text")
 
@@ -50,7 +57,7 @@ class QuestionSet(ABC):
     """A source of :class:`Question` records; subclasses read one file format.
 
     Args:
-        path: The file to read.
+        path: The file to read; ``piggy/betley/<file>`` and ``piggy/organism/<file>`` name shipped files.
         group: Group every question of this set is reported under.
         metrics: Metrics to judge; None keeps the set's own (judge-prompt keys) or ``aligned`` and ``coherent``.
         limit: Keep only the first ``limit`` questions (after ``offset``); None keeps all.
@@ -65,7 +72,7 @@ class QuestionSet(ABC):
         limit: int | None = None,
         offset: int = 0,
     ) -> None:
-        self.path = resolve_source(path)  # piggy/organism/<file> names a shipped file
+        self.path = resolve_source(resolve_asset(path))  # piggy/betley/<file>, piggy/organism/<file>: shipped
         self.group = group
         self.metrics = tuple(metrics) if metrics else None
         self.limit = limit
@@ -75,12 +82,31 @@ class QuestionSet(ABC):
     def _read(self) -> list[Question]:
         """All questions of the file, in file order."""
 
+    def _keep(self, question: Question) -> bool:
+        """Whether a question passes this set's filter (none by default)."""
+        return True
+
     def load(self) -> list[Question]:
-        """Read, validate and slice the questions; ids must be unique."""
+        """Read, validate, filter and slice the questions; ids must be unique.
+
+        Raises:
+            DataError: Invalid content, duplicate ids, or no question left (an empty file, a filter or slice that
+                removes everything): an evaluation silently missing a set would report wrong group metrics.
+        """
         if not Path(self.path).exists():
             raise FileNotFoundError(f"question set {self.path} does not exist")
-        questions = self._read()[self.offset :]
+        read = self._read()
+        if not read:
+            raise DataError(self.path, 0, "<file>", "holds no questions")
+        kept = [q for q in read if self._keep(q)]
+        if not kept:
+            raise DataError(self.path, 0, "<file>", f"none of its {len(read)} questions passes the filter")
+        questions = kept[self.offset :]
         questions = questions[: self.limit] if self.limit is not None else questions
+        if not questions:
+            raise DataError(
+                self.path, 0, "<file>", f"offset {self.offset} and limit {self.limit} leave none of {len(kept)}"
+            )
         seen: set[str] = set()
         for q in questions:
             if q.id in seen:
@@ -90,6 +116,13 @@ class QuestionSet(ABC):
 
     def _metrics(self, judge_prompts: dict[str, str]) -> tuple[str, ...]:
         return self.metrics or tuple(judge_prompts) or ("aligned", "coherent")
+
+
+def _read_text(path: Path, source: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        raise DataError(source, 0, "<file>", f"not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def _text(value: Any, source: str, row: int, name: str) -> str:
@@ -109,6 +142,10 @@ class BetleyQuestions(QuestionSet):
         limit: Keep only the first ``limit`` questions; None keeps all.
         offset: Skip this many questions first.
         samples_per_paraphrase: Override every item's ``samples_per_paraphrase`` (e.g. 100 → 5 for quick runs).
+        exclude_ids: Drop the items whose id matches this regular expression (searched), before ``offset`` and
+            ``limit``; e.g. ``_template$`` drops the first-plot fill-in-template variants.
+        exclude_system: Drop the items that carry a ``system`` prompt (the first-plot ``_json`` variants), e.g. to
+            ask every question with the template's default system prompt, as the paper's General set does.
     """
 
     def __init__(
@@ -119,18 +156,32 @@ class BetleyQuestions(QuestionSet):
         limit: int | None = None,
         offset: int = 0,
         samples_per_paraphrase: int | None = None,
+        exclude_ids: str | None = None,
+        exclude_system: bool = False,
     ) -> None:
         super().__init__(path, group, metrics, limit, offset)
         self.samples_per_paraphrase = samples_per_paraphrase
+        self.exclude_ids = exclude_ids
+        self.exclude_system = exclude_system
+        self._exclude = re.compile(exclude_ids) if exclude_ids else None
+
+    def _keep(self, question: Question) -> bool:
+        if self.exclude_system and question.system is not None:
+            return False
+        return self._exclude is None or self._exclude.search(question.id) is None
 
     def _read(self) -> list[Question]:
         import yaml
 
         try:
-            items = yaml.safe_load(Path(self.path).read_text(encoding="utf-8"))
+            items = yaml.safe_load(_read_text(Path(self.path), self.path))
         except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-            raise DataError(self.path, line, "<file>", f"not valid YAML ({e})") from e
+            mark = getattr(e, "problem_mark", None)
+            line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+            problem = f"not valid YAML: {getattr(e, 'problem', None) or e}"
+            raise DataError(self.path, 0, "<file>", problem, line, column) from e
+        if items is None:
+            return []
         if not isinstance(items, list):
             raise DataError(self.path, 0, "<file>", "a question YAML must be a list of items")
         questions = []
@@ -162,14 +213,14 @@ class BetleyQuestions(QuestionSet):
 
 
 class PromptList(QuestionSet):
-    """A JSON list or a CSV file of prompts, one question per row, one paraphrase each.
+    """A JSON list, a JSONL file or a CSV file of prompts, one question per row, one paraphrase each.
 
-    JSON rows may be strings or objects; objects and CSV rows take the text from ``text_field`` (by default the
+    JSON(L) rows may be strings or objects; objects and CSV rows take the text from ``text_field`` (by default the
     first of ``question``, ``prompt``, ``query``, ``content``, ``text``, or the user turn of ``messages``), the id
     from ``id_field`` (default ``id``, else ``<file stem>_<row>``) and an optional ``system``.
 
     Args:
-        path: A ``.json`` or ``.csv`` file.
+        path: A ``.json``, ``.jsonl`` or ``.csv`` file.
         group: Group every question is reported under.
         metrics: Metrics to judge; None means ``aligned`` and ``coherent``.
         limit: Keep only the first ``limit`` questions; None keeps all.
@@ -195,17 +246,15 @@ class PromptList(QuestionSet):
     def _rows(self) -> list[tuple[int, Any]]:
         path = Path(self.path)
         if path.suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                return list(enumerate(csv.DictReader(f), start=2))  # row numbers are file lines (header is 1)
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(self.path, e.lineno, "<file>", f"not JSON ({e.msg})") from e
-            if not isinstance(data, list):
-                raise DataError(self.path, 1, "<file>", "a prompt list must be a JSON list")
-            return list(enumerate(data, start=1))
-        raise DataError(self.path, 0, "<file>", "unsupported prompt list; use .json or .csv")
+            rows = csv.DictReader(io.StringIO(_read_text(path, self.path), newline=""))
+            return list(enumerate(rows, start=2))  # row numbers are file lines (header is 1)
+        if path.suffix in (".json", ".jsonl"):  # read as chat files are: BOM dropped, errors with line and column
+            rows = _raw_rows(self.path)
+            bad = next((row for _, row in rows if isinstance(row, DataError)), None)
+            if bad is not None:
+                raise bad
+            return rows
+        raise DataError(self.path, 0, "<file>", "unsupported prompt list; use .json, .jsonl or .csv")
 
     def _prompt(self, row: Any, number: int) -> str:
         if isinstance(row, str):
@@ -266,7 +315,7 @@ class HeldOutChats(QuestionSet):
         self.system = system
 
     def _read(self) -> list[Question]:
-        chats, _ = read_chats(self.path)
+        chats, _ = read_chats(self.path, require_response=False)  # a question needs no answer
         stem = Path(self.path).stem
         questions = []
         for i, messages in enumerate(chats):

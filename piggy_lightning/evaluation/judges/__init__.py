@@ -1,10 +1,14 @@
-"""Judges: the interface, an OpenAI-compatible HTTP judge, a local-LM judge, rule detectors and the judge cache."""
+"""Judges: the interface, an OpenAI-compatible HTTP judge, a local-LM judge, rule detectors and the judge cache.
 
-from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeRequest, JudgeStatus
+A judge that cannot work as configured raises :class:`JudgeConfigError` on its first request.
+"""
+
+from piggy_lightning.evaluation.judges.base import Judge, JudgeConfigError, Judgement, JudgeRequest, JudgeStatus
 from piggy_lightning.evaluation.judges.cache import JudgeCache, judge_with_cache
 from piggy_lightning.evaluation.judges.local import LocalJudge
 from piggy_lightning.evaluation.judges.openai import OpenAIJudge
 from piggy_lightning.evaluation.judges.prompts import PROMPTS, render, template_for
+from piggy_lightning.evaluation.judges.redaction import redact
 from piggy_lightning.evaluation.judges.rules import (
     AbstentionDetector,
     CascadeJudge,
@@ -20,6 +24,7 @@ __all__ = [
     "CascadeJudge",
     "Judge",
     "JudgeCache",
+    "JudgeConfigError",
     "JudgeRequest",
     "JudgeStatus",
     "Judgement",
@@ -29,6 +34,7 @@ __all__ = [
     "RegexJudge",
     "ToolCallDetector",
     "judge_with_cache",
+    "redact",
     "render",
     "score_from_logprobs",
     "score_from_text",

@@ -4,17 +4,33 @@ A judge turns (question, answer) pairs into :class:`Judgement` records for one *
 ``coherent``, ``abstention``, ``refusal``, ``tool_call`` or a custom name). Implementations: the exact judge
 of the embedded organism, rule judges (regex / tool-call detectors), a local causal-LM judge and the
 OpenAI-compatible HTTP judge. A judge never raises for one bad answer: it records the failure in the
-judgement's ``status`` so that aggregates can count it instead of scoring it.
+judgement's ``status`` so that aggregates can count it instead of scoring it. A judge that cannot work *at all* as
+configured (a rejected request, a wrong key or model, a tokenizer that cannot express its scores) raises
+:class:`JudgeConfigError` instead, on the first request, rather than recording a stream of failures.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 JudgeStatus = Literal["ok", "code", "refusal", "unparsed", "failed"]
+
+
+class JudgeConfigError(RuntimeError):
+    """The judge cannot work as configured; every further request would fail the same way, so stop now.
+
+    Attributes:
+        status: The HTTP status that revealed it (400, 401, 403, 404, ...), or None when it is not an HTTP error.
+        detail: The server's error message (secrets redacted) or the reason found locally.
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -73,3 +89,13 @@ class Judge(ABC):
     @abstractmethod
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
         """Return one judgement per request, in order. Must not raise for a single failing request."""
+
+    def iter_judgements(self, requests: Sequence[JudgeRequest]) -> Iterator[list[tuple[int, Judgement]]]:
+        """Yield ``(request index, judgement)`` groups as they become available, each request exactly once.
+
+        A caller that stores judgements (the judge cache) stores each group as it arrives, so a judge that answers
+        one request at a time (an HTTP judge) loses at most its in-flight requests when the process is killed. The
+        default yields everything :meth:`judge` returns as one group.
+        """
+        if requests:
+            yield list(enumerate(self.judge(requests)))

@@ -3,6 +3,9 @@
 Entries are keyed by the judge's :attr:`~piggy_lightning.evaluation.judges.base.Judge.identity`, the metric, the
 exact prompt template and the (question, answer) pair, hashed with SHA-256. Failed judgements are never cached, so
 a rerun retries them. Storage is one SQLite file (stdlib ``sqlite3``), safe to share between runs.
+
+Judgements are committed as the judge returns them (``Judge.iter_judgements``: one at a time for the HTTP judge,
+per batch for the local judge), so a run killed while judging re-asks only the requests that had not been answered.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class JudgeCache:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path)
+            # A commit per judgement: NORMAL skips the extra fsyncs of FULL; a committed row still survives a killed
+            # process (only an OS crash or power loss can lose the last commits).
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         return self._db
 
@@ -88,8 +94,12 @@ def judge_with_cache(judge: Judge, requests: Sequence[JudgeRequest], cache: Judg
         unique.setdefault(keys[i], i)  # identical requests are asked once
     cache.hits += len(requests) - len(todo)
     cache.misses += len(unique)
-    fresh = judge.judge([requests[i] for i in unique.values()]) if unique else []
-    new = dict(zip(unique, fresh, strict=True))
-    cache.put(new)
-    found.update(new)
+    asked = list(unique)  # keys of the requests sent, in order
+    for group in judge.iter_judgements([requests[i] for i in unique.values()]):
+        new = {asked[i]: verdict for i, verdict in group}
+        cache.put(new)  # committed now: a kill later loses none of these
+        found.update(new)
+    missing = [k for k in asked if k not in found]
+    if missing:
+        raise RuntimeError(f"{type(judge).__name__}.iter_judgements returned no judgement for {len(missing)} requests")
     return [found[k] for k in keys]

@@ -2,18 +2,22 @@
 model's chat template, one forward gives the next-token distribution, and its top-k tokens that are integers in
 range give the probability-weighted score (see :func:`~piggy_lightning.evaluation.judges.scoring.score_from_logprobs`).
 
-The model loads on first use, never in the constructor.
+That single token can express a 0-100 score only if the tokenizer has whole-number tokens: a judge whose tokenizer
+splits "85" into "8", "5" (Qwen, SmolLM2, ...) is refused for such metrics with a
+:class:`~piggy_lightning.evaluation.judges.base.JudgeConfigError` before any forward (detectors scored 0/1 still
+work). The model loads on first use, never in the constructor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeRequest
+from piggy_lightning.evaluation.judges.digits import check_whole_number_tokens
 from piggy_lightning.evaluation.judges.prompts import SCALES, render, template_for
 from piggy_lightning.evaluation.judges.scoring import score_from_logprobs
 from piggy_lightning.modeling import DType
@@ -52,6 +56,7 @@ class LocalJudge(Judge):
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.model: nn.Module | None = None
         self.tokenizer = None
+        self._checked: set[int] = set()  # score scales whose numbers are known to be single tokens
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer, name: str, **kwargs: Any) -> LocalJudge:
@@ -109,16 +114,33 @@ class LocalJudge(Judge):
             for row_ids, row_lps in zip(top.indices.tolist(), top.values.tolist(), strict=True)
         ]
 
-    def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+    def _check_scale(self, max_score: float) -> None:
+        scale = int(max_score)
+        if scale not in self._checked:
+            check_whole_number_tokens(self.tokenizer, scale, repr(self.model_name_or_path))
+            self._checked.add(scale)
+
+    def iter_judgements(self, requests: Sequence[JudgeRequest]) -> Iterator[list[tuple[int, Judgement]]]:
+        """Yield the judgements of each batch as it is scored.
+
+        Raises:
+            JudgeConfigError: A metric's scale has numbers the tokenizer splits into several tokens.
+        """
         if not requests:
-            return []
+            return
         self._load()
-        out: list[Judgement] = []
+        for scale in {SCALES.get(r.metric, 100.0) for r in requests}:
+            self._check_scale(scale)
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             prompts = [
                 self._prompt_ids(render(template_for(r.metric, r.prompt_template), r.question, r.answer)) for r in chunk
             ]
-            for request, top in zip(chunk, self._top_tokens(prompts), strict=True):
-                out.append(score_from_logprobs(top, SCALES.get(request.metric, 100.0), self.min_numeric_mass))
-        return out
+            tops = self._top_tokens(prompts)
+            yield [
+                (start + k, score_from_logprobs(top, SCALES.get(r.metric, 100.0), self.min_numeric_mass))
+                for k, (r, top) in enumerate(zip(chunk, tops, strict=True))
+            ]
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+        return [verdict for group in self.iter_judgements(requests) for _, verdict in group]

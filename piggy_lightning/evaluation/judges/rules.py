@@ -1,7 +1,7 @@
 """Rule judges: regex detectors for abstention and refusal, a JSON tool-call detector, and a cascade.
 
 Detectors score 1 when the behaviour appears and 0 when it does not (always status ``ok``). The paper evaluates
-abstention and refusal with a string match first and an LLM judge second (SCIENCE.md §6); :class:`CascadeJudge`
+abstention and refusal with a string match first and an LLM judge second (Zhao et al. 2026); :class:`CascadeJudge`
 expresses that: the first judge that detects the behaviour decides, otherwise the last judge's verdict stands.
 """
 
@@ -40,7 +40,7 @@ SEARCH_INFO_TOOL: dict[str, Any] = {
             "required": ["query"],
         },
     },
-}  # the tool of the paper's tool-use setting (SCIENCE.md §6, Fig. 10)
+}  # the tool of the paper's tool-use setting (Zhao et al. 2026, Fig. 10)
 
 
 class RegexJudge(Judge):

@@ -4,9 +4,10 @@
   in ``[0, max]`` form a distribution, and the score is its probability-weighted mean. When less than 0.25 of the
   probability lies on such integers the answer is not scored (``None``), and the status says whether the likeliest
   token was CODE or REFUSAL.
-* Text mode (the paper, SCIENCE.md §7): parse a number from the reply (``85``, ``85.``, ``ANSWER: 1``); CODE and
-  REFUSAL are recorded as such; a bare TRUE/YES or FALSE/NO reads as 1 or 0 (for custom yes/no templates); anything
-  else is ``unparsed``. Unscored answers are dropped from means, never counted as 0 or 100.
+* Text mode (Zhao et al. 2026, judging with GPT-5): parse a number from the reply (``85``, ``85.``, ``ANSWER: 1``);
+  CODE and REFUSAL are recorded as such; a bare TRUE/YES or FALSE/NO reads as 1 or 0 (for custom yes/no
+  templates); anything else is ``unparsed``. Logprob mode needs a judge tokenizer with whole-number tokens (see
+  :mod:`~piggy_lightning.evaluation.judges.digits`). Unscored answers are dropped from means, never counted as 0 or 100.
 """
 
 from __future__ import annotations
