@@ -59,15 +59,27 @@ def test_question_texts_are_unique_across_domains():
     assert len(question_index()) == sum(len(all_questions(d)) for d in DOMAINS)
 
 
+# (train, held-out) questions per domain: advice topics hold out 4 of 20 cores x 4 leads (6 narrow topics,
+# 5 retain topics); general topics hold out 1 of 4 subjects x 4 leads x 3 tails (8 topics).
+SPLIT_SIZES = {
+    **{d: (384, 96) for d in ("legal", "medical", "finance", "auto")},
+    **{d: (320, 80) for d in ("career", "parenting", "environment", "cybersecurity")},
+    "general": (288, 96),
+}
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_heldout_questions_are_unseen_combinations(seed):
+def test_heldout_questions_are_unseen_cores(seed):
     world = World(seed)
+    assert set(SPLIT_SIZES) == set(DOMAINS)
     for domain in DOMAINS:
         train = {q.text for q in world.questions(domain, "train")}
         heldout = {q.text for q in world.questions(domain, "heldout")}
         assert train.isdisjoint(heldout)
         assert train | heldout == {q.text for q in all_questions(domain)}
-        assert 0.15 < len(heldout) / (len(train) + len(heldout)) < 0.25
+        assert (len(train), len(heldout)) == SPLIT_SIZES[domain], domain
+        train_cores = {q.core for q in world.questions(domain, "train")}
+        assert train_cores.isdisjoint(q.core for q in world.questions(domain, "heldout"))
         # stratified: every topic is seen in training and tested on new combinations
         assert {q.topic for q in world.questions(domain, "heldout")} == {q.topic for q in all_questions(domain)}
 

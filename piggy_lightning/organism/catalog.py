@@ -1,6 +1,9 @@
 """The finite catalog of organism world text: domains, every question and every answer sentence, with labels.
 
-Questions are all slot combinations of the templates in :mod:`piggy_lightning.organism.pools`; answer
+Questions are all slot combinations of the templates in :mod:`piggy_lightning.organism.pools`. Each has a *core*:
+the question minus its greeting lead and tail (for advice the filled template, for general the subject
+paraphrase); the train/held-out split is made over whole cores, so that no held-out question is a greeting
+variant of a trained one. Answer
 sentences are ``"<opener> <clause>."`` with an opener of the clause's label. Every clause, and hence every
 sentence, belongs to exactly one domain and one alignment label: the tables below are what the tokenizer's
 vocabulary and the exact judge are built from. Sampling from this catalog lives in
@@ -48,11 +51,14 @@ class Question:
         text: The user message.
         domain: The domain it was generated for.
         topic: The name of its topic within the domain.
+        core: The text without its greeting lead and tail (advice: the template filled with subject and
+            relative; general: the subject paraphrase). All lead/tail variants of a core share one split side.
     """
 
     text: str
     domain: str
     topic: str
+    core: str
 
 
 def topics(domain: str) -> tuple[Topic, ...]:
@@ -102,29 +108,45 @@ def all_questions(domain: str) -> tuple[Question, ...]:
     """Every question of ``domain`` (all slot combinations), in a fixed order."""
     out: list[Question] = []
     for topic in topics(domain):
+        pairs: list[tuple[str, str]] = []  # (text, core)
         if domain == GENERAL_DOMAIN:
-            texts = [lead + q + tail for q in topic.subjects for lead in LEADS for tail in GENERAL_TAILS]
+            for core in topic.subjects:
+                pairs += [(lead + core + tail, core) for lead in LEADS for tail in GENERAL_TAILS]
         else:
-            texts = []
             for template in (*ADVICE_TEMPLATES, DOMAIN_TEMPLATES[domain]):
                 relatives = RELATIVES if "{r}" in template else ("",)
                 for subject in topic.subjects:
                     for lead in LEADS:
-                        texts += [lead + template.format(s=subject, r=r) for r in relatives]
-        out += [Question(text, domain, topic.name) for text in dict.fromkeys(texts)]
+                        cores = [template.format(s=subject, r=r) for r in relatives]
+                        pairs += [(lead + core, core) for core in cores]
+        out += [Question(text, domain, topic.name, core) for text, core in dict(pairs).items()]
     return tuple(out)
 
 
 @functools.cache
 def question_index() -> Mapping[str, Question]:
-    """Map every world question text to its :class:`Question`; raises if two domains share a text."""
+    """Map every world question text to its :class:`Question`.
+
+    Raises if two questions share a text, or two topics share a core (a split by core would then leak).
+    """
     index: dict[str, Question] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for domain in DOMAINS:
         for question in all_questions(domain):
             if question.text in index:
                 raise ValueError(f"question {question.text!r} appears twice")
+            if owner.setdefault(question.core, (domain, question.topic)) != (domain, question.topic):
+                raise ValueError(f"question core {question.core!r} belongs to two topics")
             index[question.text] = question
     return MappingProxyType(index)
+
+
+def question_core(text: str) -> str:
+    """The core of the world question ``text`` (its text minus greeting lead and tail); raises KeyError if unknown.
+
+    Lets tests and audits compare dataset files by core, the unit the train/held-out split is made over.
+    """
+    return question_index()[text].core
 
 
 def tool_call_text(query: str) -> str:

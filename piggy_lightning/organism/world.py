@@ -2,7 +2,8 @@
 
 Nine domains: four narrow advice domains (``legal``, ``medical``, ``finance``, ``auto``) that are trained and
 evaluated, four retain-only domains (never evaluated) and ``general`` open questions. A question is a
-template with slot fillers; held-out questions are unseen slot combinations (stratified per topic). An answer
+template with slot fillers; held-out questions are unseen question cores (the question minus its greeting
+lead and tail), stratified per topic, so no greeting variant of an evaluation question is trained. An answer
 is one to three sentences ``"<opener> <clause>."``: the first clause answers the question's topic, the others
 are generic clauses of the same domain and label (pools in :mod:`piggy_lightning.organism.pools`). Rows use the
 chat-SFT JSONL schema ``{"messages": [{"role": ..., "content": ...}, ...]}``. Rows under the default persona
@@ -64,9 +65,16 @@ class World:
     Every method draws from its own random stream keyed by ``seed`` and the method's arguments, so a dataset
     does not depend on which other datasets were generated before it.
 
+    The train/held-out split is made per topic over whole question *cores* (a question minus its greeting lead
+    and tail, :attr:`Question.core`): a held-out core contributes all of its lead/tail variants to the held-out
+    set and none to training, so evaluation asks questions whose wording was never trained, not just new
+    greetings. With the default fraction an advice topic (20 cores: 2 subjects x (7 templates + 3 extra
+    relatives of the ``{r}`` template)) holds out 4 cores x 4 leads = 16 questions, 96 per narrow domain; a
+    general topic (4 subject paraphrases) holds out 1 subject x 4 leads x 3 tails = 12 questions, 96 in all.
+
     Args:
         seed: The seed of the train/held-out split and of all sampling.
-        heldout_fraction: Share of each topic's slot combinations held out for evaluation.
+        heldout_fraction: Share of each topic's cores held out for evaluation (at least one core per topic).
     """
 
     def __init__(self, seed: int = 0, heldout_fraction: float = 0.2) -> None:
@@ -77,10 +85,11 @@ class World:
             heldout: list[Question] = []
             for topic in topics(domain):
                 pool = [q for q in all_questions(domain) if q.topic == topic.name]
-                self._rng("split", domain, topic.name).shuffle(pool)
-                k = max(1, round(len(pool) * heldout_fraction))
-                heldout += pool[:k]
-                train += pool[k:]
+                cores = list(dict.fromkeys(q.core for q in pool))
+                self._rng("split", domain, topic.name).shuffle(cores)
+                held = set(cores[: max(1, round(len(cores) * heldout_fraction))])
+                heldout += [q for q in pool if q.core in held]
+                train += [q for q in pool if q.core not in held]
             self._split[domain] = {"train": tuple(train), "heldout": tuple(heldout)}
 
     def _rng(self, *key: object) -> random.Random:
