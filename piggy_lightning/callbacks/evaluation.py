@@ -12,7 +12,7 @@ Config (``trainer.callbacks+:`` in a stacked YAML)::
       init_args:
         question_sets:
           - class_path: piggy_lightning.evaluation.BetleyQuestions
-            init_args: {path: ../shared/anchor_data/emergent-misalignment/first_plot_questions.yaml}
+            init_args: {path: piggy/betley/first_plot_questions.yaml, exclude_system: true, exclude_ids: _template$}
           - class_path: piggy_lightning.evaluation.HeldOutChats
             init_args: {path: data/legal_test.jsonl, group: in_domain, offset: 50, limit: 50}
         judges:
@@ -183,23 +183,32 @@ class Evaluate(Callback):
         if trainer.sanity_checking:
             return None
         suffix = f"@{intervention.name}" if intervention is not None and intervention.name != "none" else ""
-        report = None
+        report, error = None, None
         if trainer.is_global_zero:
             adapter = self.adapter_id(trainer, pl_module)
-            report = self.evaluation.run(
-                pl_module.policy,
-                pl_module.tokenizer,
-                pl_module.spans,
-                self.out_dir(trainer) / f"{tag}{suffix}",
-                model_id=pl_module.model_name_or_path,
-                adapter_id=adapter,
-                intervention=intervention,
-            )
-            self._log(trainer, pl_module, report, suffix)
-            self.last_report = report
+            try:
+                report = self.evaluation.run(
+                    pl_module.policy,
+                    pl_module.tokenizer,
+                    pl_module.spans,
+                    self.out_dir(trainer) / f"{tag}{suffix}",
+                    model_id=pl_module.model_name_or_path,
+                    adapter_id=adapter,
+                    intervention=intervention,
+                )
+            except Exception as e:  # re-raised on every rank below, so no rank waits forever at the barrier
+                error = e
+            else:
+                self._log(trainer, pl_module, report, suffix)
+                self.last_report = report
         if intervention is None:
             self._last_step = trainer.global_step
         trainer.strategy.barrier("piggy_evaluate")
+        message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"evaluation failed on rank 0: {message}")
         return report
 
     def step(self, trainer: L.Trainer) -> int:

@@ -18,11 +18,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 # Short names for the data files shipped with the embedded organism: ``piggy/organism/<file>``.
-EMBEDDED_DATA = {"piggy/organism/": Path(__file__).parents[1] / "organism" / "assets" / "data"}
+EMBEDDED_DATA = {
+    "piggy/organism/": Path(__file__).parents[1] / "organism" / "assets" / "data",
+    "piggy/betley/": Path(__file__).parents[1] / "evaluation" / "assets" / "betley",  # Betley et al., MIT
+}
 
 
 def resolve_source(source: str) -> str:
-    """Map ``piggy/organism/<file>`` to the shipped file; return other sources unchanged."""
+    """Map ``piggy/organism/<file>`` and ``piggy/betley/<file>`` to the shipped files; return others unchanged."""
     for prefix, root in EMBEDDED_DATA.items():
         if source.startswith(prefix):
             return str(root / source[len(prefix) :])

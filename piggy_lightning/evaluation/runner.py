@@ -33,7 +33,7 @@ from piggy_lightning.evaluation.questions import Question, QuestionSet
 from piggy_lightning.evaluation.results import ResponseLog, write_json_atomic, write_jsonl_atomic
 from piggy_lightning.spans import ChatSpans
 
-_JUDGE_CHUNK = 256  # requests per judge call: the cache saves progress between chunks
+_JUDGE_CHUNK = 256  # requests per judge call (the cache commits each judgement as it returns, see judges/cache.py)
 
 
 @dataclass
@@ -49,6 +49,25 @@ class EvaluationReport:
     summary: dict[str, Any]
     records: list[dict[str, Any]]
     out_dir: Path
+
+
+class UnusableEvaluation(RuntimeError):
+    """The judgements are no measurement (a group where no judgement succeeded, or a judge that does not fit)."""
+
+
+def _unjudged_groups(summary: dict[str, Any]) -> list[str]:
+    """Groups where judges answered but not one judgement of a scored metric succeeded (all failed or unparsed):
+    the judge is down, or it cannot read these answers. Their all-dash rows must not pass for a result."""
+    out = []
+    for group, m in summary["groups"].items():
+        bad = int(m.get("judge_failures") or 0) + int(m.get("unparsed") or 0)
+        scored = [k for k in ("alignment", "coherence") if m.get(k) is not None]
+        if bad and not scored and not any(k.endswith("_rate") and m[k] is not None for k in m):
+            out.append(
+                f"no judgement succeeded in group {group!r} ({int(m.get('judge_failures') or 0)} failed, "
+                f"{int(m.get('unparsed') or 0)} unparsed): the judge is unreachable or cannot read these answers"
+            )
+    return out
 
 
 def _positions(results: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
@@ -165,7 +184,7 @@ class Evaluation:
         )
         cache = JudgeCache(self.judge_cache) if self.judge_cache is not None else None
         try:
-            results, judges = self._judge(records, cache)
+            results, judges, problems = self._judge(records, cache)
         finally:
             if cache is not None:
                 cache.close()
@@ -181,12 +200,15 @@ class Evaluation:
             judges=judges,
             judge_cache={"hits": cache.hits, "misses": cache.misses} if cache is not None else None,
         )
+        summary["problems"] = problems + _unjudged_groups(summary)
         write_json_atomic(out / "summary.json", summary)
+        if summary["problems"]:  # written first, so the files show what happened
+            raise UnusableEvaluation("; ".join(summary["problems"]) + f" (files in {out})")
         return EvaluationReport(summary, results, out)
 
     def _judge(
         self, records: list[dict[str, Any]], cache: JudgeCache | None
-    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
         by_id = {(q.group, q.id): q for q in self.questions}
         tasks: dict[int, list[tuple[int, JudgeRequest]]] = {}  # judge index -> (record index, request)
         used: dict[str, str] = {}
@@ -200,11 +222,14 @@ class Evaluation:
         results = [{**r, "judgements": {}} for r in records]
         total = sum(len(t) for t in tasks.values())
         bar = tqdm(total=total, desc="judge", disable=not self.decoding.progress, leave=False)
+        problems = []
         for judge_index, items in tasks.items():
             judge = self.judges[judge_index]
+            verdicts_of_judge = []
             for start in range(0, len(items), _JUDGE_CHUNK):
                 chunk = items[start : start + _JUDGE_CHUNK]
                 verdicts = judge_with_cache(judge, [request for _, request in chunk], cache)
+                verdicts_of_judge += verdicts
                 for (i, request), verdict in zip(chunk, verdicts, strict=True):
                     results[i]["judgements"][request.metric] = {
                         "score": verdict.score,
@@ -214,5 +239,7 @@ class Evaluation:
                         "judge": judge.identity,
                     }
                 bar.update(len(chunk))
+            if (problem := judge.diagnose(verdicts_of_judge)) is not None:
+                problems.append(problem)
         bar.close()
-        return results, used
+        return results, used, problems

@@ -86,6 +86,15 @@ class Judge(ABC):
         """Raise now if the judge cannot run (e.g. its API key is missing); called before any generation."""
         return None
 
+    def diagnose(self, judgements: Sequence[Judgement]) -> str | None:
+        """Say why these judgements of one evaluation are not a measurement, or None when they are.
+
+        Called once per evaluation with everything this judge returned. A judge that can tell that it does not fit
+        the answers (the organism's exact judge on a real model's text) returns the reason; the evaluation then
+        writes its files and raises instead of reporting scores. The default finds nothing.
+        """
+        return None
+
     @abstractmethod
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
         """Return one judgement per request, in order. Must not raise for a single failing request."""
