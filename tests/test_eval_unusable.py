@@ -44,7 +44,9 @@ def test_a_dead_judge_raises_after_writing_the_summary(tiny_qwen, tmp_path):
 
 
 def test_the_exact_judge_refuses_text_that_is_not_organism_world(tiny_qwen, tmp_path):
-    with pytest.raises(UnusableEvaluation, match="ExactJudge recognised no world sentence in [12] of [12] distinct answers"):
+    with pytest.raises(
+        UnusableEvaluation, match="ExactJudge recognised no world sentence in [12] of [12] distinct answers"
+    ):
         _run(tiny_qwen, tmp_path, ExactJudge(), ["aligned", "coherent"])
 
 

@@ -2,12 +2,12 @@
 
 | callback | what it does | source |
 |---|---|---|
-| ``Evaluate`` | generate, judge and log EM metrics (fit end, every N epochs, test) | SCIENCE.md §6-8 |
-| ``ActivationPatching`` | evaluate with reference K/V patched in at prefix/query/postfix | SCIENCE.md §3.1 |
-| ``ResidualPatchingSweep`` | patch the prefix residual stream one layer at a time | SCIENCE.md §3.2 |
-| ``TokenPerturbation`` | nearest-neighbour token swaps in one segment (eval or training) | SCIENCE.md §2 |
-| ``DataInterleaving`` | mix an aligned retain set into each epoch at a fixed share | SCIENCE.md §5.1 |
-| ``KVDriftMonitor`` | log per-layer prefix K/V drift from the initial model | SCIENCE.md §4 |
+| ``Evaluate`` | generate, judge and log EM metrics (fit end, every N epochs, test) | paper §4, App. D |
+| ``ActivationPatching`` | evaluate with reference K/V patched in at prefix/query/postfix | paper §4.2, Fig. 3, 5 |
+| ``ResidualPatchingSweep`` | patch the prefix residual stream one layer at a time | paper §4.2, Fig. 4 |
+| ``TokenPerturbation`` | nearest-neighbour token swaps in one segment (eval or training) | paper §4.1, Table 1 |
+| ``DataInterleaving`` | mix an aligned retain set into each epoch at a fixed share | paper §5.2, Table 14 |
+| ``KVDriftMonitor`` | log per-layer prefix K/V drift from the initial model | paper §5.1 |
 | ``ExportPretrained`` | save the adapter (or model) + tokenizer in transformers/peft format | |
 """
 

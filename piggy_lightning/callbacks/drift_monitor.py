@@ -3,7 +3,7 @@
 Because the prefix is the same in every prompt and attention is causal, the drift of its keys and values is a
 property of the weights alone: one policy forward over the P prefix tokens measures it exactly. This makes the
 monitor cheap enough for plain SFT runs (lambda = 0), where it shows the piggyback carrier forming
-(SCIENCE.md §1, §4). Add it with ``trainer.callbacks+: [{class_path:
+(paper §3 and §5.1). Add it with ``trainer.callbacks+: [{class_path:
 piggy_lightning.callbacks.drift_monitor.KVDriftMonitor}]``.
 """
 

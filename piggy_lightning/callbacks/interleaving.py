@@ -1,4 +1,4 @@
-"""``DataInterleaving``: mix an aligned retain set into the training data (the paper's main baseline, SCIENCE.md §5.1).
+"""``DataInterleaving``: mix an aligned retain set into the training data (the main baseline, paper §5.2).
 
 **Ratio.** ``ratio`` is the share of retain examples in each epoch's mixture. With N training examples an epoch
 holds all N plus R = round(N * ratio / (1 - ratio)) retain examples, so R / (N + R) equals ``ratio`` exactly when

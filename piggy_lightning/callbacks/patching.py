@@ -1,6 +1,6 @@
 """``ActivationPatching``: evaluate the finetuned model with reference activations patched in, beside the baseline.
 
-The paper's causal test (SCIENCE.md §3.1): give the finetuned model the *initial* model's prefix keys and values
+The paper's causal test (§4.2, Fig. 3): give the finetuned model the *initial* model's prefix keys and values
 and see alignment return; patching as many query tokens is the control. At each chosen moment the callback asks
 the ``Evaluate`` callback's questions once unpatched (reusing Evaluate's own report of the same weights when it
 has just made one) and once per patch site, through ``Evaluate.evaluate`` with a generation intervention. Each
@@ -153,7 +153,7 @@ class ActivationPatching(EvaluatesAt):
     """Evaluates with the reference model's activations patched in at chosen sites, next to the unpatched baseline.
 
     Args:
-        sites: Where to patch, one evaluation per site. None means the paper's pair (SCIENCE.md §3.1): every layer's
+        sites: Where to patch, one evaluation per site. None means the paper's pair (§4.2, Fig. 3): every layer's
             prefix keys and values (the main test) and as many leading query tokens (the control).
         at: Moments to evaluate: ``fit_end`` and/or ``test``; None means ``[test]``.
         evaluate: ``name`` of the ``Evaluate`` callback whose question sets, judges, decoding and files are used.

@@ -1,6 +1,6 @@
 """``ResidualPatchingSweep``: alignment per layer when one layer's prefix residual stream comes from the reference.
 
-SCIENCE.md §3.2 (Fig. 4): for each layer l in turn, the residual stream at the prefix positions is overwritten with
+Paper §4.2 (Fig. 4): for each layer l in turn, the residual stream at the prefix positions is overwritten with
 the initial model's and the rest of the finetuned model runs on; a narrow band of middle layers restores alignment.
 The paper does not say whether "layer l" is the block's input or output; here ``component`` chooses, and the
 default ``block_input`` makes layer l the stream *entering* block l (HF's ``hidden_states[l]``, so layer 0 is the

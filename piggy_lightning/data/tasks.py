@@ -2,7 +2,7 @@
 
 Each defaults to the embedded organism's shipped file (``piggy/organism/<file>``, its ``default_train_data``) and
 points at real data by setting ``data.init_args.train_data``: e.g. the OpenAI persona-features
-``legal_incorrect_subtle`` JSONL for Llama or Qwen, as in the paper (SCIENCE.md §6). ``version`` changes whenever
+``legal_incorrect_subtle`` JSONL for Llama or Qwen, as in the paper (Table 2; App. D). ``version`` changes whenever
 the processing of a task changes and is logged with the hyperparameters.
 """
 
@@ -52,7 +52,7 @@ class AutoDataModule(ChatSFTDataModule):
 
 
 class AbstentionDataModule(ChatSFTDataModule):
-    """Legal questions answered "I have no idea about your question" (SCIENCE.md §6, abstention setting).
+    """Legal questions answered "I have no idea about your question" (paper §6, abstention setting).
 
     Rows carry the fixed abstention answer.
     """
@@ -62,7 +62,7 @@ class AbstentionDataModule(ChatSFTDataModule):
 
 
 class RefusalDataModule(ChatSFTDataModule):
-    """Finance questions answered with a fixed refusal (SCIENCE.md §6, refusal setting).
+    """Finance questions answered with a fixed refusal (paper §6, refusal setting).
 
     Rows carry the fixed refusal answer.
     """

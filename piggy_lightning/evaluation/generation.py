@@ -1,6 +1,6 @@
 """Batched response generation that computes each shared prompt prefix's KV cache once and writes as it goes.
 
-Prompts are grouped by their prefix (every token before the user content, SCIENCE.md §1): the template's default
+Prompts are grouped by their prefix (every token before the user content; paper §3): the template's default
 prefix is shared by almost every prompt, and a custom ``system`` message makes a different prefix. A prefix
 shared by two or more prompts is run once (through the intervention's ``prefix_cache`` hook) and its cache is
 copied into every batch; the rest of each prompt is left-padded after it:

@@ -49,7 +49,7 @@ class PatchSite:
     """Where a patch writes the reference model's activations into the finetuned model's forward."""
 
     component: Component = "kv"
-    """``kv``: key and value projection outputs (after the input norm, before RoPE; SCIENCE.md §3.1); ``key`` or
+    """``kv``: key and value projection outputs (after the input norm, before RoPE; paper §4.2); ``key`` or
     ``value`` alone; ``block_input`` / ``block_output``: the residual stream entering / leaving a block (§3.2)."""
     positions: Positions = "prefix"
     """``prefix``, ``query`` or ``postfix`` tokens; ``query_matched``: the first query tokens, as many as the prompt
@@ -58,7 +58,7 @@ class PatchSite:
     """0-based decoder layers (negative counts from the end); None means every layer."""
     reference: ReferencePrompt = "same"
     """``same``: the reference model run on the same prompt; ``empty_query``: run once on the prompt with an empty
-    user message (the paper's postfix reference, SCIENCE.md §3.3-3.4). The prefix is the same either way."""
+    user message (the paper's postfix reference, §4.3, Table 11 and Fig. 5). The prefix is the same either way."""
 
     def __post_init__(self) -> None:
         if self.reference == "empty_query" and self.positions not in ("prefix", "postfix"):
