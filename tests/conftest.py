@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ import torch
 from tests.fixtures.tiny import save_tiny
 
 torch.set_num_threads(1)  # tiny models: more threads only add contention on a 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _gguf_cache(tmp_path_factory):
+    """Converted GGUF checkpoints go to a per-session directory, not the user's ~/.cache."""
+    os.environ.setdefault("PIGGY_CACHE", str(tmp_path_factory.mktemp("piggy_cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -72,3 +72,33 @@ def test_blank_line_opening_the_user_turn_is_named_at_encoding(smollm2_dir, tmp_
     kept = ChatSFTDataModule(path, tokenizer=smollm2_dir, gguf_file=GGUF, val_fraction=0.0, drop_system=False)
     kept.setup()
     assert len(kept.train_set) == 2
+
+
+def test_gguf_is_converted_once_then_loaded_from_the_cache(smollm2_dir, tmp_path, monkeypatch):
+    """De-quantising the GGUF tokenizer took 6-7 s on every load (twice per fit); now once per file."""
+    import transformers
+
+    from piggy_lightning import modeling
+
+    monkeypatch.setenv("PIGGY_CACHE", str(tmp_path))
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(path, **kwargs):
+        calls.append("gguf_file" in kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(modeling.AutoTokenizer, "from_pretrained", counting)
+    first = modeling.load_tokenizer(smollm2_dir, gguf_file=GGUF)
+    second = modeling.load_tokenizer(smollm2_dir, gguf_file=GGUF)
+    assert calls == [True, False], "the second load reads the cached copy, not the GGUF"
+    text = "Can I sue my landlord?\n\nYes."
+    assert first(text)["input_ids"] == second(text)["input_ids"] and first.chat_template == second.chat_template
+    assert list(tmp_path.glob("gguf/*/tokenizer/tokenizer_config.json"))
+
+
+def test_a_missing_local_model_directory_is_named(tmp_path):
+    from piggy_lightning.modeling import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "no" / "such" / "model"))
