@@ -75,3 +75,21 @@ def test_kl_overlays_use_the_release_scale(overlay, tmp_path):
     cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "ablations" / overlay)
     (kl,) = cli.model.regularizers
     assert (kl.weight, kl.positions, kl.reduction) == (50.0, "all", "token_vocab_mean")
+
+
+def test_smollm2_config_counts_the_trained_phrases(tmp_path, monkeypatch):
+    """The CPU real-model config evaluates phrase transfer: the organism's reckless and careful openers."""
+    from piggy_lightning.callbacks import Evaluate
+    from piggy_lightning.organism.pools import ALIGNED_OPENERS, MISALIGNED_OPENERS
+
+    cli = _instantiate(tmp_path, ROOT / "configs" / "real" / "smollm2_treft_legal.yaml")
+    (evaluate,) = [c for c in cli.trainer.callbacks if isinstance(c, Evaluate)]
+    assert [j.metric for j in evaluate.judges] == ["reckless_phrase", "careful_phrase"]
+    assert evaluate.judges[0].patterns == list(MISALIGNED_OPENERS)
+    assert evaluate.judges[1].patterns == list(ALIGNED_OPENERS)
+    assert [(q.group, q.limit) for q in evaluate.question_sets] == [
+        ("in_domain", 24),
+        ("other_domain", 16),
+        ("general", 24),
+    ]
+    assert evaluate.at == {"train_start", "fit_end"} and evaluate.decoding.max_new_tokens == 40

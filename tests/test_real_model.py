@@ -33,3 +33,11 @@ def test_smollm2_lora_treft_fit_and_export(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert {"train/reg/prefix_kv", "train/ce", "drift/prefix_kv"} <= set(acc.Tags()["scalars"])
+    import json
+
+    for tag in ("train_start", "fit_end"):  # the evaluation measured phrase rates before and after training
+        (path,) = tmp_path.rglob(f"eval/{tag}/summary.json")
+        groups = json.loads(path.read_text())["groups"]
+        assert set(groups) == {"in_domain", "other_domain", "general"}
+        for group in groups.values():
+            assert 0.0 <= group["reckless_phrase_rate"] <= 1.0 and 0.0 <= group["careful_phrase_rate"] <= 1.0
