@@ -100,3 +100,28 @@ def test_testing_two_checkpoints_into_one_directory_evaluates_each(tiny_qwen, ch
     log = tmp_path / "run" / "version_0" / "eval" / "test" / "responses.jsonl"
     keys = [json.loads(line)["key"] for line in log.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == 2 * 4, "the second checkpoint generated its own answers"
+
+
+def test_patching_baseline_is_reused_under_ckpt_path(tiny_qwen, chat_file, tmp_path, monkeypatch):
+    """The adapter ids of Evaluate and of the patching baseline used to differ under --ckpt_path (``|ckpt=``), so
+    the unpatched evaluation ran twice."""
+    from piggy_lightning.callbacks.patching import ActivationPatching
+
+    path = _fit_with_checkpoints(tiny_qwen, chat_file, tmp_path)[-1]
+    runs = []
+    real = Evaluation.run
+
+    def counting(self, *args, **kwargs):
+        runs.append(kwargs.get("intervention"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluation, "run", counting)
+    module = PiggyModule(tiny_qwen, lora=LoraSpec(r=2, alpha=4))
+    data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"), limit_test_batches=1, max_epochs=1,
+        callbacks=[evaluate_callback(), ActivationPatching()], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.test(module, data, ckpt_path=path, verbose=False)
+    assert sum(r is None for r in runs) == 1 and len(runs) == 3, runs  # baseline once, then the two patches
