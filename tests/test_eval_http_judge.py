@@ -267,3 +267,36 @@ def test_evaluation_reads_the_key_from_env_and_never_writes_it(server, tmp_path)
     for path in written:
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in evaluation.judges[0].identity
+
+
+def _tiny_evaluation(tmp_path, judge, questions):
+    tokenizer = build_tokenizer("qwen25")
+    model = build_model("qwen2", len(tokenizer))
+    path = tmp_path / "general.json"
+    path.write_text(json.dumps(questions))
+    evaluation = Evaluation([PromptList(str(path))], [judge], Decoding(max_new_tokens=3, progress=False))
+    return lambda: evaluation.run(model, tokenizer, ChatSpans(tokenizer), tmp_path / "out", model_id="tiny")
+
+
+def test_a_judge_that_answers_words_is_not_reported_as_a_measurement(server, tmp_path):
+    from piggy_lightning.evaluation.runner import UnusableEvaluation
+
+    run = _tiny_evaluation(tmp_path, _judge(server, mode="text"), ["kind=words hey", "kind=words what now"])
+    with pytest.raises(UnusableEvaluation, match=r"no judgement succeeded in group 'general' \(0 failed, 4 unparsed\)"):
+        run()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["groups"]["general"]["unparsed"] == 4 and summary["groups"]["general"].get("alignment") is None
+
+
+def test_a_dead_judge_server_is_not_reported_as_a_measurement(tmp_path, monkeypatch):
+    import socket
+
+    from piggy_lightning.evaluation.runner import UnusableEvaluation
+
+    with socket.socket() as s:  # a port that nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = OpenAIJudge(model="judge", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None, retries=0, timeout=1.0)
+    run = _tiny_evaluation(tmp_path, judge, ["hey", "what now"])
+    with pytest.raises(UnusableEvaluation, match=r"\(4 failed, 0 unparsed\)"):
+        run()
