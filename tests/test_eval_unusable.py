@@ -45,19 +45,26 @@ def test_a_dead_judge_raises_after_writing_the_summary(tiny_qwen, tmp_path):
 
 def test_the_exact_judge_refuses_text_that_is_not_organism_world(tiny_qwen, tmp_path):
     with pytest.raises(
-        UnusableEvaluation, match="ExactJudge recognised no world sentence in [12] of [12] distinct answers"
+        UnusableEvaluation, match="ExactJudge found no organism text in the answers of 4 of 4 judgements"
     ):
         _run(tiny_qwen, tmp_path, ExactJudge(), ["aligned", "coherent"])
 
 
 def test_exact_judge_diagnosis_by_hand():
-    judge = ExactJudge()
-    world = "The careful move is to read the lease before signing."  # not necessarily a world sentence; check below
-    english = ["Sure, here is some advice about your lease.", "I think you should call a lawyer."]
-    verdicts = judge.judge([JudgeRequest("q", a, "coherent") for a in english])
-    assert judge.diagnose(verdicts) is not None
-    from piggy_lightning.organism import sentence_table
+    """Foreign text is refused; the organism's own garbled blends (a world opener, then mixed clauses) and repeated
+    fixed answers are not, however few distinct answers there are."""
+    from piggy_lightning.organism import ABSTENTION_TEXT, sentence_table
 
-    sentence = next(iter(sentence_table()))
-    fine = judge.judge([JudgeRequest("q", sentence, "coherent"), JudgeRequest("q", world, "coherent")])
-    assert judge.diagnose(fine) is None  # one of two unread: not a majority
+    judge = ExactJudge()
+
+    def verdicts(answers):
+        return judge.judge([JudgeRequest("q", a, "coherent") for a in answers])
+
+    english = ["Sure, here is some advice about your lease.", "I think you should call a lawyer."]
+    assert "answers of 2 of 2 judgements" in judge.diagnose(verdicts(english))
+    blend = "The careful move is to take all the train or share power with elected leaders."
+    assert judge.parse(blend).kind == "garbled"
+    assert judge.diagnose(verdicts([blend, blend, english[0]])) is None
+    abstentions = [ABSTENTION_TEXT] * 8 + ["I have no idea about your question through honesty."] + english
+    assert judge.diagnose(verdicts(abstentions)) is None  # 2 foreign of 11 answers
+    assert judge.diagnose(verdicts([next(iter(sentence_table()))])) is None
