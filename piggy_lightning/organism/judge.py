@@ -100,8 +100,8 @@ class ExactJudge(Judge):
         if answers and len(foreign) > _FOREIGN_LIMIT * len(answers):
             return (
                 f"ExactJudge found no organism text in the answers of {len(foreign)} of {len(answers)} judgements "
-                f"(e.g. {foreign[0][:80]!r}): it only reads the organism's world text and does not fit this model; use an "
-                "LLM judge"
+                f"(e.g. {foreign[0][:80]!r}): it only reads the organism's world text and does not fit this model; "
+                "use an LLM judge"
             )
         return None
 
