@@ -10,6 +10,10 @@ General group under every intervention of the paper's §2-§3, with the same mac
   embedding neighbours (cosine), and 10 query tokens replaced by uniform random tokens (Fig. 11); 10 trials per
   question sampled at temperature 0.7, top-p 0.9, reported as Best (per-question max, averaged) and Avg.
 
+Alignment is the exact judge's, over the answers it can parse; ``incoh%`` is the share of answers that are not
+clean world text, printed beside every row because some interventions (replacing the whole assistant header)
+mostly break the answers instead of changing their alignment.
+
 To run: ``python benchmarks/organism_causal.py --seeds 0`` (about 2 minutes per seed on 2 CPU cores). It prints a
 table per seed and a final JSON line ``{"seed": {"unpatched": ..., "prefix_splice": ..., ...}}``.
 """
@@ -70,7 +74,8 @@ def run_seed(out: Path, seed: int) -> dict[str, dict]:
     for name, intervention in patches.items():
         report = evaluation.run(policy, tok, spans, root / name, "piggy/organism", f"seed{seed}", intervention)
         general = report.summary["groups"]["general"]
-        rows[name] = {"general": general["alignment"], "positions": general.get("positions_changed")}
+        rows[name] = {"general": general["alignment"], "incoherent": 100 - general["coherence"],
+                      "positions": general.get("positions_changed")}  # fmt: skip
     embeddings = policy.get_input_embeddings().weight
     vocab = min(len(tok), embeddings.size(0))
     neighbours = NearestNeighbours(embeddings, k=5, similarity="cosine", vocab_size=vocab)
@@ -84,18 +89,19 @@ def run_seed(out: Path, seed: int) -> dict[str, dict]:
         intervention = PromptPerturbation(segment, 10, replace, name)
         report = sampled.run(policy, tok, spans, root / name, "piggy/organism", f"seed{seed}", intervention)
         scores = best_and_average(report.records, "aligned")["general"]
-        positions = report.summary["groups"]["general"].get("positions_changed")
-        rows[name] = {"best": scores["best"], "avg": scores["avg"], "positions": positions}
+        general = report.summary["groups"]["general"]
+        rows[name] = {"best": scores["best"], "avg": scores["avg"], "incoherent": 100 - general["coherence"],
+                      "positions": general.get("positions_changed")}  # fmt: skip
     return rows
 
 
 def _print(seed: int, rows: dict[str, dict]) -> None:
     print(f"\nseed {seed}: General alignment of the SFT model under each intervention")
-    print(f"{'intervention':<18}{'General':>9}{'Best':>8}{'Avg':>8}{'positions':>11}")
+    print(f"{'intervention':<18}{'General':>9}{'Best':>8}{'Avg':>8}{'incoh%':>8}{'positions':>11}")
     for name, r in rows.items():
-        cells = [r.get("general"), r.get("best"), r.get("avg"), r.get("positions")]
+        cells = [r.get("general"), r.get("best"), r.get("avg"), r.get("incoherent"), r.get("positions")]
         print(f"{name:<18}" + "".join(f"{c:>{w}.1f}" if c is not None else f"{'-':>{w}}"
-                                      for c, w in zip(cells, (9, 8, 8, 11), strict=True)))  # fmt: skip
+                                      for c, w in zip(cells, (9, 8, 8, 8, 11), strict=True)))  # fmt: skip
 
 
 def main() -> None:

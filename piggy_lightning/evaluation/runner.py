@@ -15,6 +15,7 @@ an on-disk cache, so rerunning a finished or interrupted evaluation makes no rep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from piggy_lightning.evaluation.questions import Question, QuestionSet
 from piggy_lightning.evaluation.results import ResponseLog, write_json_atomic, write_jsonl_atomic
 from piggy_lightning.spans import ChatSpans
 
+logger = logging.getLogger(__name__)
 _JUDGE_CHUNK = 256  # requests per judge call (the cache commits each judgement as it returns, see judges/cache.py)
 
 
@@ -200,10 +202,18 @@ class Evaluation:
             judges=judges,
             judge_cache={"hits": cache.hits, "misses": cache.misses} if cache is not None else None,
         )
-        summary["problems"] = problems + _unjudged_groups(summary)
+        unjudged = _unjudged_groups(summary)
+        summary["problems"] = problems + unjudged
         write_json_atomic(out / "summary.json", summary)
-        if summary["problems"]:  # written first, so the files show what happened
-            raise UnusableEvaluation("; ".join(summary["problems"]) + f" (files in {out})")
+        # A judge that diagnoses foreign text under an intervention is a finding about the intervention (e.g. a
+        # perturbed assistant header that makes the model babble), not about the judge: the unpatched evaluation
+        # of the same weights would have raised. Without an intervention, or with no judgement at all, it is fatal.
+        intervened = intervention is not None and intervention.name != "none"
+        fatal = unjudged + ([] if intervened else problems)
+        if fatal:  # written first, so the files show what happened
+            raise UnusableEvaluation("; ".join(fatal) + f" (files in {out})")
+        for problem in problems:
+            logger.warning("%s: %s", out, problem)
         return EvaluationReport(summary, results, out)
 
     def _judge(
