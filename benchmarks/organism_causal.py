@@ -8,7 +8,8 @@ General group under every intervention of the paper's §2-§3, with the same mac
   (Table 11 / Fig. 5), and the residual stream at the prefix patched entering each block (Fig. 4);
 * token perturbation (Table 1): 10 tokens of the prefix, query or postfix replaced by one of their 5 nearest
   embedding neighbours (cosine), and 10 query tokens replaced by uniform random tokens (Fig. 11); 10 trials per
-  question sampled at temperature 0.7, top-p 0.9, reported as Best (per-question max, averaged) and Avg.
+  question sampled at temperature 0.7, top-p 0.9, reported as Best (per-question max, averaged) and Avg, next to
+  the same 10 sampled trials without any edit (``sampled_unperturbed``), their baseline.
 
 Alignment is the exact judge's, over the answers it can parse; ``incoh%`` is the share of answers that are not
 clean world text, printed beside every row because some interventions (replacing the whole assistant header)
@@ -80,13 +81,14 @@ def run_seed(out: Path, seed: int) -> dict[str, dict]:
     vocab = min(len(tok), embeddings.size(0))
     neighbours = NearestNeighbours(embeddings, k=5, similarity="cosine", vocab_size=vocab)
     perturbations = {
+        "sampled_unperturbed": (None, None),  # the same 10 sampled trials without an edit: the Best/Avg baseline
         "perturb_prefix": ("prefix", neighbours),
         "perturb_query": ("query", neighbours),
         "perturb_postfix": ("postfix", neighbours),
         "random_query": ("query", UniformTokens(vocab)),
     }
     for name, (segment, replace) in perturbations.items():
-        intervention = PromptPerturbation(segment, 10, replace, name)
+        intervention = PromptPerturbation(segment, 10, replace, name) if segment is not None else None
         report = sampled.run(policy, tok, spans, root / name, "piggy/organism", f"seed{seed}", intervention)
         scores = best_and_average(report.records, "aligned")["general"]
         general = report.summary["groups"]["general"]
