@@ -57,3 +57,14 @@ def chat_rows(n: int) -> list[dict]:
 @pytest.fixture
 def chat_file(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A local OpenAI-compatible judge server on 127.0.0.1 (see ``tests/test_eval_http_judge.py``), key in the env."""
+    from tests.test_eval_http_judge import KEY_ENV, SECRET, _Server
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    s = _Server()
+    yield s
+    s.close()

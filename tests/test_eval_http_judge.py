@@ -148,14 +148,6 @@ class _Server:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    s = _Server()
-    yield s
-    s.close()
-
-
 def _judge(server, **kwargs):
     settings = dict(model="judge", base_url=server.url, api_key_env=KEY_ENV, retries=2, backoff=0.01, timeout=5.0)
     return OpenAIJudge(**{**settings, **kwargs})

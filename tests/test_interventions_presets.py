@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "treft_legal.yaml"
 _OURS = ("patching", "residual_sweep", "perturbation", "interleaving")
 PRESETS = [  # the intervention presets (tests/test_configs.py stacks every preset generically)
-    p
-    for p in sorted((ROOT / "callbacks").glob("*.yaml"))
-    if any(f".{m}." in p.read_text() for m in _OURS)
+    p for p in sorted((ROOT / "callbacks").glob("*.yaml")) if any(f".{m}." in p.read_text() for m in _OURS)
 ]
 
 

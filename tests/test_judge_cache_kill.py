@@ -9,10 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from piggy_lightning.evaluation.judges import JudgeCache, JudgeRequest, OpenAIJudge, judge_with_cache
-from tests.test_eval_http_judge import KEY_ENV, SECRET, _Server
+from tests.test_eval_http_judge import KEY_ENV, SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 N, ANSWERED, CONCURRENCY = 20, 8, 2
@@ -49,14 +47,6 @@ def _wait_for(condition, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return condition()
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    s = _Server()
-    yield s
-    s.close()
 
 
 def test_killed_judging_resumes_with_only_the_unanswered_requests(server, tmp_path):

@@ -9,16 +9,8 @@ import pytest
 from piggy_lightning.evaluation.judges import JudgeConfigError, JudgeRequest, LocalJudge
 from piggy_lightning.evaluation.judges.digits import DigitSplitMonitor, split_numbers
 from tests.fixtures.tiny import build_model, build_tokenizer
-from tests.test_eval_http_judge import KEY_ENV, SECRET, _judge, _req, _Server
+from tests.test_eval_http_judge import _judge, _req
 from tests.test_eval_judges import number_tokenizer
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    s = _Server()
-    yield s
-    s.close()
 
 
 def test_digit_splitting_server_is_refused_with_advice(server):

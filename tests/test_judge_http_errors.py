@@ -7,16 +7,8 @@ import pytest
 
 from piggy_lightning.evaluation import Evaluation, PromptList
 from piggy_lightning.evaluation.judges import JudgeConfigError, OpenAIJudge, redact
-from tests.test_eval_http_judge import KEY_ENV, SECRET, _judge, _req, _Server
+from tests.test_eval_http_judge import KEY_ENV, SECRET, _judge, _req
 from tests.test_eval_questions import FIXTURES
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    s = _Server()
-    yield s
-    s.close()
 
 
 def _gpt5(server, **kwargs):
