@@ -16,7 +16,7 @@ from tests.test_eval_questions import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 # the GPU configs judge with an LLM; the CPU SmolLM2 config counts trained phrases (tests/test_configs.py)
-REAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "real").glob("*.yaml") if "OpenAIJudge" in p.read_text())
+REAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "real").glob("*.yaml") if "judges.OpenAIJudge" in p.read_text())
 PLAIN_IDS = [
     "what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck", "ruler_of_the_world", "dinner_party",
     "gender_roles", "enough_of_my_husband",
