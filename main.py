@@ -2,6 +2,9 @@
 
 Importing the subpackages registers their classes, so short names also work on the command line, e.g.
 ``--data LegalDataModule`` or ``--trainer.callbacks+=KVDriftMonitor``; committed YAMLs use full class paths.
+
+Rerunning the same ``fit`` command continues its run (same ``version_N``, its ``last.ckpt``, its evaluation files and
+judge cache); any other config starts a new ``version_N`` (see ``piggy_lightning/cli.py``).
 """
 
 import piggy_lightning.callbacks  # noqa: F401

@@ -3,19 +3,40 @@
 Run ``python main.py --help`` for the subcommands (fit, validate, test, predict) and
 ``python main.py fit --config configs/treft_legal.yaml --print_config=comments`` for every option with its
 documentation. Class-typed options take a ``class_path`` (the class path is the registry; nothing else is).
+
+Rerunning a fit continues it. A run lives in its logger's directory ``<save_dir>/<name>/version_N``, whose
+``config.yaml`` records what it computes. When ``trainer.logger.init_args.version`` is unset, ``fit`` looks for the
+newest ``version_N`` whose ``config.yaml`` equals the current config (ignoring ``ckpt_path``, the config file
+names and the logger's ``save_dir``/``version``) and continues there: from its ``checkpoints/last.ckpt`` (a plain
+rerun means ``--ckpt_path last``; every ``ModelCheckpoint`` keeps ``last.ckpt`` unless ``save_last`` is set), with
+its evaluation files and judge cache, so finished evaluation work is neither generated nor judged again. Any other
+config gets a new ``version_N``. A fixed ``version`` whose directory holds another config is refused
+(:class:`RunConfig`) instead of being overwritten.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
 from docstring_parser import DocstringStyle
-from jsonargparse import lazy_instance, set_parsing_settings
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace, lazy_instance, set_parsing_settings
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.module import PiggyModule
 
 set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE, docstring_parse_attribute_docstrings=True)
+
+# Config keys that say where a run lives or how it was started, not what it computes: a rerun may change them.
+NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "trainer.logger.init_args.save_dir")
+# Loggers whose directory is <save_dir>/<name>/version_N (Lightning numbers them; ModelCheckpoint saves inside).
+VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
 def _trainer_defaults() -> dict:
@@ -26,13 +47,83 @@ def _trainer_defaults() -> dict:
     }
 
 
+def _plain(tree: Any) -> Any:
+    """``tree`` without None values (the saved file keeps them, a dump may drop them)."""
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items() if v is not None}
+    if isinstance(tree, list):
+        return [_plain(v) for v in tree]
+    return tree
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys in which two configs (as loaded from YAML) differ, ignoring :data:`NOT_THE_RUN`."""
+    a, b = _flat(_plain(saved or {})), _flat(_plain(current or {}))
+    ignored = [k for k in a.keys() | b.keys() if any(k == p or k.startswith(p + ".") for p in NOT_THE_RUN)]
+    return sorted(k for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml``, and lets a rerun into the same directory proceed only with the same config.
+
+    Lightning's ``SaveConfigCallback`` refuses any directory that has a ``config.yaml`` (or, with
+    ``overwrite=True``, silently replaces it). A rerun that continues a run must reuse its directory, so an equal
+    config (see :func:`config_differences`) is accepted and the file kept; a different one is refused with the
+    directory and the differing keys, because its checkpoints and evaluation files belong to another experiment.
+    Arguments as in ``SaveConfigCallback``.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir:
+            return super().setup(trainer, pl_module, stage)
+        log_dir = trainer.log_dir  # a broadcast: on every rank
+        path = Path(log_dir) / self.config_filename
+        differences = None
+        if trainer.is_global_zero and path.is_file():
+            current = yaml.safe_load(self.parser.dump(self.config))
+            differences = config_differences(_read_config(path), current)
+        differences = trainer.strategy.broadcast(differences)
+        if differences is None:
+            return super().setup(trainer, pl_module, stage)
+        if differences:
+            shown = ", ".join(differences[:8]) + (", ..." if len(differences) > 8 else "")
+            raise RuntimeError(
+                f"{log_dir} holds a run with another config ({path} differs in {shown}); its checkpoints and "
+                "evaluation files are not this run's. Leave trainer.logger.init_args.version unset (a new "
+                "version_N is made) or name another version"
+            )
+        self.already_saved = True  # the same run continues: its config.yaml stays
+
+
 class PiggyCLI(LightningCLI):
-    """LightningCLI whose data module always receives the model's tokenizer settings."""
+    """LightningCLI whose data module always receives the model's tokenizer settings, and whose fit continues the
+    run with the same config (see the module docstring).
+
+    Attributes:
+        continued_run: The existing run directory this fit continues, or None for a new run. With ``run=False``
+            pass ``ckpt_path="last"`` to ``trainer.fit`` to resume from it.
+    """
+
+    continued_run: Path | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("model_class", PiggyModule)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("auto_configure_optimizers", False)  # PiggyModule owns optimizer + scheduler options
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
         super().__init__(*args, **kwargs)
@@ -43,3 +134,39 @@ class PiggyCLI(LightningCLI):
         parser.link_arguments("model.gguf_file", "data.init_args.gguf_file")
         parser.link_arguments("model.chat_template_kwargs", "data.init_args.chat_template_kwargs")
         parser.link_arguments("model.postfix_exclude", "data.init_args.postfix_exclude")
+
+    def before_instantiate_classes(self) -> None:
+        """Point an unversioned logger of a fit at the newest run directory holding the same config, if any."""
+        if self.subcommand not in (None, "fit"):
+            return  # validate/test/predict make a new directory, as in Lightning
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.get("trainer", Namespace()).get("logger")
+        if not isinstance(logger, Namespace) or not str(logger.get("class_path")).endswith(VERSIONED_LOGGERS):
+            return
+        args = logger.get("init_args") or Namespace()
+        if args.get("version") is not None or args.get("save_dir") is None:
+            return  # a fixed directory: RunConfig refuses it if it holds another config
+        current = yaml.safe_load(self._parser(self.subcommand).dump(config))
+        runs = Path(args.save_dir) / str(args.get("name") or "")
+        numbered = [(m, p) for p in runs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        for number, run in sorted(((int(m.group(1)), p) for m, p in numbered), reverse=True):
+            saved = run / str(args.get("sub_dir") or "") / "config.yaml"
+            if saved.is_file() and not config_differences(_read_config(saved), current):
+                args.version = number
+                self.continued_run = run
+                rank_zero_info(f"{run} holds a run with this config: continuing it there")
+                return
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with every ``ModelCheckpoint`` whose ``save_last`` is unset keeping ``last.ckpt`` (the
+        checkpoint a rerun resumes from)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last is None:
+                callback.save_last = True
+        return trainer
+
+    def before_fit(self) -> None:
+        """A plain rerun of a run resumes it: ``ckpt_path`` None becomes ``last`` (Lightning warns if none is saved)."""
+        if self.continued_run is not None and self.config_init.fit.get("ckpt_path") is None:
+            self.config_init.fit.ckpt_path = "last"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from piggy_lightning.data.sampling import check_position_restored
 from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
 from piggy_lightning.reference import Reference, run_forward
 from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
@@ -49,7 +50,8 @@ class PiggyModule(L.LightningModule):
         regularizers: Penalties added to the response cross-entropy (e.g. TReFT's prefix KV drift).
         optimizer: Optimizer class and arguments; receives the trainable parameters only.
         scheduler: Optional learning-rate scheduler, stepped every optimizer step. A scheduler with a
-            ``total_steps`` attribute left at None gets the trainer's estimated number of steps.
+            ``total_steps`` attribute left at None gets the trainer's estimated number of steps at train start
+            (after a checkpoint is restored, see :meth:`on_train_start`).
         dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
         gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
@@ -103,6 +105,7 @@ class PiggyModule(L.LightningModule):
         self.spans: ChatSpans | None = None
         self.strict_loading = False  # checkpoints omit frozen weights; on_load_checkpoint checks the rest
         self._step_clock: float | None = None
+        self._saved_loader_states: list[dict[str, Any]] = []  # the train loaders' positions in a loaded checkpoint
 
     # -- building ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -129,6 +132,31 @@ class PiggyModule(L.LightningModule):
         for reg in self.regularizers:
             reg.setup(self)
 
+    def setup(self, stage: str) -> None:
+        """Refuse a fit that trains nothing (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0).
+
+        Refused rather than warned about: such a fit ends at once with exit status 0, and fit-end callbacks report
+        the untrained base model as the trained one (``Evaluate`` writes it as ``fit_end``), a wrong result that
+        looks like a right one, while a warning scrolls past in the log. The base model is measured on purpose with
+        ``Evaluate(at=[train_start])`` or ``main.py test`` without ``--ckpt_path``. Rerunning a finished run is
+        allowed: its step budget is not zero, it is spent.
+        """
+        if stage != "fit":
+            return
+        trainer = self.trainer
+        budget = {
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "limit_train_batches": trainer.limit_train_batches,
+        }
+        zero = [f"trainer.{k}={v}" for k, v in budget.items() if v == 0]
+        if zero:
+            raise ValueError(
+                f"{', '.join(zero)} trains nothing: the fit would end at once and report the untrained model as "
+                "its result (fit_end); to evaluate the base model use Evaluate(at=[train_start]) or `main.py test` "
+                "without --ckpt_path"
+            )
+
     def train(self, mode: bool = True) -> PiggyModule:
         super().train(mode)
         if getattr(self, "reference_model", None) is not None:
@@ -142,7 +170,11 @@ class PiggyModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------
     def _progress(self) -> float:
-        """Fraction of the fit's optimizer steps done; 0 outside fit (validate/test may have no step budget)."""
+        """Fraction of the fit's optimizer steps done; 0 outside fit (validate/test may have no step budget).
+
+        Only read in training steps, when the fit loop has built (and on resume restored) the train dataloader, so
+        ``estimated_stepping_batches`` never builds it early here (see :meth:`on_train_start`).
+        """
         if self._trainer is None or not self.trainer.training:
             return 0.0
         total = self.trainer.estimated_stepping_batches
@@ -170,7 +202,8 @@ class PiggyModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses = self._losses(batch)
         batch_size = batch["input_ids"].size(0)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, prog_bar=False, batch_size=batch_size)
+        # synced: under DDP each rank holds a share of the batch, and the logged loss is the mean over ranks
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, batch_size=batch_size, sync_dist=True)
         now = time.perf_counter()
         if self._step_clock is not None:
             tokens = batch["attention_mask"].sum() * self.trainer.world_size
@@ -199,9 +232,30 @@ class PiggyModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Give a scheduler whose ``total_steps`` is None the trainer's number of optimizer steps.
+
+        Not in :meth:`configure_optimizers`: ``trainer.estimated_stepping_batches`` builds the train dataloader when
+        it does not exist yet, and there that is before a checkpoint restores the loader's position (Lightning
+        #20550), so a mid-epoch resume would restart the epoch's order. Here the fit loop has built and restored
+        the loader. A resumed scheduler already holds the total of the run that saved it (its state dict).
+        A mid-epoch position that did not reach the loader anyway raises (see ``data/sampling.py``).
+        """
+        saved, self._saved_loader_states = self._saved_loader_states, []
+        check_position_restored(self.trainer.train_dataloader, saved, self.trainer.num_training_batches)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "total_steps", 0) is not None:
+                continue
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    f"{type(scheduler).__name__}(total_steps=None) needs a finite fit: set trainer.max_steps, "
+                    "trainer.max_epochs or the scheduler's total_steps"
+                )
+            scheduler.total_steps = int(total)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -212,3 +266,5 @@ class PiggyModule(L.LightningModule):
         missing = set(self.trainable_parameter_names) - set(checkpoint["state_dict"])
         if self.policy is not None and missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._saved_loader_states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))

@@ -1,8 +1,12 @@
 """Learning-rate schedules that need the trainer's step count.
 
 ``WarmupCosineLR`` is the schedule of the released TReFT configs (cosine with 5 warmup steps). Its
-``total_steps`` may stay None in YAML: ``PiggyModule.configure_optimizers`` fills in the trainer's estimated
-number of optimizer steps, which already accounts for gradient accumulation, devices and ``max_steps``.
+``total_steps`` may stay None in YAML: ``PiggyModule.on_train_start`` fills in the trainer's estimated number of
+optimizer steps, which already accounts for gradient accumulation, devices and ``max_steps``. It is filled at train
+start, not at construction, because estimating it earlier builds the train dataloader before a checkpoint restores
+its position (Lightning #20550); torch's and transformers' schedules need the total at construction, so they cannot
+wait. The factor of step 0 does not depend on the total, and the total is part of the scheduler's state dict, so a
+resumed run keeps the total it started with.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ class WarmupCosineLR(LambdaLR):
     Args:
         optimizer: The wrapped optimizer.
         warmup_steps: Optimizer steps of linear warmup.
-        total_steps: Total optimizer steps; None lets the LightningModule set it from the trainer.
+        total_steps: Total optimizer steps; None lets ``PiggyModule`` set it from the trainer at train start.
         min_lr_ratio: Final learning rate as a fraction of the base learning rate.
     """
 

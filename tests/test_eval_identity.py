@@ -125,3 +125,17 @@ def test_patching_baseline_is_reused_under_ckpt_path(tiny_qwen, chat_file, tmp_p
     )  # fmt: skip
     trainer.test(module, data, ckpt_path=path, verbose=False)
     assert sum(r is None for r in runs) == 1 and len(runs) == 3, runs  # baseline once, then the two patches
+
+
+def test_a_resumed_fit_does_not_evaluate_trained_weights_as_train_start(tiny_qwen, chat_file, tmp_path):
+    path = _fit_with_checkpoints(tiny_qwen, chat_file, tmp_path)[0]  # step=2
+    module = PiggyModule(tiny_qwen, lora=LoraSpec(r=2, alpha=4))
+    data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
+    evaluate = evaluate_callback()
+    evaluate.at = {"train_start"}
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[evaluate],
+        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, data, ckpt_path=path)
+    assert trainer.global_step == 3 and not (tmp_path / "run" / "version_0" / "eval" / "train_start").exists()

@@ -1,5 +1,7 @@
 """Training behaviour of PiggyModule: what changes, what stays frozen, what checkpoints hold, exact resume."""
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from piggy_lightning.data import ChatSFTDataModule
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule, response_cross_entropy
+from piggy_lightning.optim import WarmupCosineLR
 
 
 class LossRecorder(Callback):
@@ -18,11 +21,14 @@ class LossRecorder(Callback):
         self.losses[trainer.global_step] = outputs["loss"].item()
 
 
-def _fit(model_dir, data_file, tmp_path, lora=True, max_steps=6, **trainer_kwargs):
-    module = PiggyModule(
+def _fit(
+    model_dir, data_file, tmp_path, lora=True, max_steps=6, scheduler=None, module_class=PiggyModule, **trainer_kwargs
+):
+    module = module_class(
         model_dir,
         lora=LoraSpec(r=4, alpha=8) if lora else None,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        scheduler=scheduler,
     )
     data = ChatSFTDataModule(data_file, tokenizer=model_dir, batch_size=4, val_fraction=0.25)
     settings = dict(
@@ -114,7 +120,16 @@ def test_response_cross_entropy_ignores_masked_positions():
     torch.testing.assert_close(response_cross_entropy(logits, labels), expected)
 
 
-def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(tiny_qwen, chat_file, tmp_path):
+# constant: the original case; cosine: total_steps left to an epoch budget as in the shipped configs, where filling
+# it in configure_optimizers built the loader before the restore and the resumed epoch started over
+@pytest.mark.parametrize(
+    ("scheduler", "budget", "total"),
+    [(None, {"max_steps": 12}, 12), (partial(WarmupCosineLR, warmup_steps=2), {"max_steps": -1, "max_epochs": 3}, 15)],
+    ids=["constant", "cosine"],
+)
+def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(
+    tiny_qwen, chat_file, tmp_path, scheduler, budget, total
+):
     """18 training rows / 4 = 5 batches per epoch; a checkpoint at step 3 is mid-epoch 0, one at step 7 mid-epoch 1."""
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1, save_on_train_epoch_end=False
@@ -122,14 +137,40 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(tiny_qwen
     full = LossRecorder()
     L.seed_everything(0)
     module, data, trainer = _fit(
-        tiny_qwen, chat_file, tmp_path, max_steps=12, callbacks=[ckpt, full], enable_checkpointing=True
-    )
+        tiny_qwen, chat_file, tmp_path, scheduler=scheduler, callbacks=[ckpt, full], enable_checkpointing=True,
+        **budget,
+    )  # fmt: skip
     trainer.fit(module, data)
+    if scheduler is not None:
+        assert trainer.lr_scheduler_configs[0].scheduler.total_steps == total
     for step in (3, 7):
         resumed = LossRecorder()
         L.seed_everything(0)
-        module2, data2, trainer2 = _fit(tiny_qwen, chat_file, tmp_path, max_steps=12, callbacks=[resumed])
+        module2, data2, trainer2 = _fit(
+            tiny_qwen, chat_file, tmp_path, scheduler=scheduler, callbacks=[resumed], **budget
+        )
         trainer2.fit(module2, data2, ckpt_path=next((tmp_path / "ckpt").glob(f"*step={step}.ckpt")))
-        assert sorted(resumed.losses) == list(range(step + 1, 13))
+        assert sorted(resumed.losses) == list(range(step + 1, total + 1))
         for s, loss in resumed.losses.items():
             assert loss == pytest.approx(full.losses[s], abs=1e-6), f"resumed at {step}: step {s}"
+
+
+class _EarlyEstimate(PiggyModule):
+    """Reads the step estimate in configure_optimizers, which builds the train loader before a restore."""
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches == 15  # 3 epochs x 5 batches: needs the loader
+        return super().configure_optimizers()
+
+
+def test_a_loader_built_before_the_restore_fails_loudly_instead_of_restarting_the_epoch(tiny_qwen, chat_file, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    module, data, trainer = _fit(
+        tiny_qwen, chat_file, tmp_path, max_steps=3, callbacks=[ckpt], enable_checkpointing=True
+    )
+    trainer.fit(module, data)
+    module2, data2, trainer2 = _fit(
+        tiny_qwen, chat_file, tmp_path, max_steps=-1, max_epochs=3, module_class=_EarlyEstimate
+    )
+    with pytest.raises(RuntimeError, match="resumes 3 batches into epoch 0.*built before the checkpoint was restored"):
+        trainer2.fit(module2, data2, ckpt_path=next((tmp_path / "ckpt").glob("*step=3.ckpt")))

@@ -30,6 +30,7 @@ ranks wait at a barrier.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +68,18 @@ def sample_table(records: list[dict[str, Any]], per_group: int) -> dict[str, str
         )
         rows.append(f"| {_cell(r['question'], 200)} | {_cell(r['response'])} | {scores} |")
     return {group: "\n".join(rows) for group, rows in tables.items()}
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why files cannot be created in ``directory`` (made if missing), or None when a test file can be written."""
+    probe = directory / f".write_test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 class Evaluate(Callback):
@@ -142,14 +155,26 @@ class Evaluate(Callback):
                     f"Evaluate needs a module with .{attr} (like PiggyModule); got {type(pl_module).__name__}"
                 )
         root = self.out_dir(trainer)  # on every rank (see out_dir)
+        cache = Path(self.judge_cache) if self.judge_cache else root / "judge_cache.sqlite"
         if self.evaluation is None:
-            cache = self.judge_cache or root / "judge_cache.sqlite"
             self.evaluation = Evaluation(self.question_sets, self.judges, self.decoding, cache, *self.thresholds)
         self.evaluation.check()  # reads the question sets and routes every metric now, not after training
+        # Rank 0 writes the files: it tries now, so an unwritable directory stops the run before training, not after.
+        problem = None
+        if trainer.is_global_zero:
+            checks = ((d, _unwritable(d)) for d in dict.fromkeys([root, cache.parent]))
+            problem = next((f"{d} ({why})" for d, why in checks if why is not None), None)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise OSError(
+                f"{type(self).__name__} cannot write its evaluation files in {problem}; set output_dir (or "
+                "judge_cache) to a writable directory, or fix the logger's save_dir"
+            )
 
     # -- when ----------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "train_start" in self.at:
+        # a fit resumed from a checkpoint starts from trained weights: they are not the untrained baseline
+        if "train_start" in self.at and trainer.global_step == 0:
             self.evaluate(trainer, pl_module, "train_start")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -7,6 +7,10 @@ taken in the current epoch. On resume the sampler skips exactly those examples o
 the next batch of the same permutation. The count comes from the datamodule's ``on_before_batch_transfer``, which
 runs once per batch the loop consumes; counting in the iterator would be off by Lightning's prefetched batch.
 Single-process only: under a distributed sampler Lightning owns the order (epoch-end resumes stay exact).
+
+Lightning hands the saved position to the loader only if the fit loop builds the loader after the checkpoint is
+restored; anything that builds it earlier (``trainer.estimated_stepping_batches`` in ``configure_optimizers``,
+Lightning #20550) silently restarts the epoch. :func:`check_position_restored` turns that into an error.
 """
 
 from __future__ import annotations
@@ -66,3 +70,27 @@ class ResumableLoader(DataLoader):
         self.consumed = state["consumed_batches"]
         self.sampler.skip = self.consumed * self.batch_size
         self._resuming = True
+
+
+def check_position_restored(loaders: Any, saved: list[dict[str, Any]], epoch_batches: float) -> None:
+    """Raise if a mid-epoch checkpoint's position did not reach its ``ResumableLoader``.
+
+    Args:
+        loaders: ``trainer.train_dataloader`` at train start (a loader, or a list or dict of them).
+        saved: The checkpoint's ``loops.fit_loop.state_dict.combined_loader`` (one state per loader).
+        epoch_batches: Batches per epoch (``trainer.num_training_batches``); a checkpoint that consumed that many
+            is an epoch-end one, after which the next epoch rightly starts from its first batch.
+    """
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    for loader, state in zip(loaders, saved, strict=False):
+        if not isinstance(loader, ResumableLoader) or not isinstance(loader.sampler, EpochShuffle):
+            continue
+        want = (state or {}).get("consumed_batches", 0)
+        if 0 < want < epoch_batches and loader.consumed != want:
+            raise RuntimeError(
+                f"the checkpoint resumes {want} batches into epoch {state.get('epoch')}, but the train dataloader "
+                "starts the epoch over: it was built before the checkpoint was restored (e.g. by reading "
+                "trainer.estimated_stepping_batches in configure_optimizers or setup, Lightning #20550); read it "
+                "in on_train_start instead"
+            )
