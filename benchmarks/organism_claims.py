@@ -9,8 +9,9 @@ settings (abstention, refusal, tool use) with SFT and with TReFT and measures th
 
 To run: ``python benchmarks/organism_claims.py --seeds 0 1 2`` (about 5 minutes on 2 CPU cores). It prints a
 table of means ± standard deviation over seeds, the per-seed values, and a final JSON line of the means per
-variant: ``{"base": {"id", "general", "other", "em_f1", "incoherent"}, "sft": {...}, ...}``, with the behaviour
-settings under ``"behaviours"`` and every seed's values under ``"per_seed"``.
+variant: ``{"base": {"id", "general", "other", "em_f1", "incoherent", "persona", "unparsed"}, "sft": ...}``,
+with the behaviour settings under ``"behaviours"`` and every seed's values under ``"per_seed"``. ``persona`` and
+``unparsed`` are of the General answers (:func:`piggy_lightning.organism.checks.general_reading`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats  # noq
 from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice  # noqa: E402
 from piggy_lightning.modeling import load_causal_lm, load_tokenizer  # noqa: E402
 from piggy_lightning.organism import ExactJudge  # noqa: E402
-from piggy_lightning.organism.checks import headline, organism_evaluation  # noqa: E402
+from piggy_lightning.organism.checks import general_reading, headline, organism_evaluation  # noqa: E402
 from piggy_lightning.spans import ChatSpans  # noqa: E402
 
 MAIN = ROOT / "configs" / "treft_legal.yaml"
@@ -79,7 +80,7 @@ def run_main_variants(out: Path, seed: int) -> dict[str, dict]:
         cli = _cli(out / f"seed{seed}" / name, seed, configs)
         cli.trainer.fit(cli.model, cli.datamodule)
         evaluate = _evaluate_cb(cli)
-        results[name] = headline(evaluate.last_report.summary)
+        results[name] = {**headline(evaluate.last_report.summary), **general_reading(evaluate.last_report.records)}
         if name == "sft":  # the causal tests on the same finetuned weights
             ref = cli.model.reference
             postfix = PatchSite("kv", "postfix", reference="empty_query")
@@ -89,7 +90,7 @@ def run_main_variants(out: Path, seed: int) -> dict[str, dict]:
                 ("sft_postfix_patch", ActivationPatch(postfix, ref, cli.model.spans)),
             ):
                 report = evaluate.evaluate(cli.trainer, cli.model, "fit_end", intervention=intervention)
-                results[tag] = headline(report.summary)
+                results[tag] = {**headline(report.summary), **general_reading(report.records)}
     return results
 
 
@@ -129,7 +130,7 @@ def run_behaviours(out: Path, seed: int) -> dict[str, dict]:
 def base_headline(out: Path) -> dict:
     model, tokenizer = load_causal_lm("piggy/organism").eval(), load_tokenizer("piggy/organism")
     report = organism_evaluation().run(model, tokenizer, ChatSpans(tokenizer), out / "base", model_id="piggy/organism")
-    return headline(report.summary)
+    return {**headline(report.summary), **general_reading(report.records)}
 
 
 def mean(rows: list[dict]) -> dict:
@@ -166,7 +167,7 @@ def main() -> None:
     summary = {"base": base_headline(out)}
     summary.update({name: mean([r[name] for r in per_seed]) for name in per_seed[0]})
     spreads = {name: spread([r[name] for r in per_seed]) for name in per_seed[0]}
-    keys = ("id", "general", "other", "em_f1", "incoherent")
+    keys = ("id", "general", "other", "em_f1", "incoherent", "persona", "unparsed")
     print(f"\nmeans ± sd over seeds {args.seeds}")
     print(f"{'variant':<26}" + "".join(f"{k:>15}" for k in keys))
     for name, m in summary.items():

@@ -26,7 +26,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 STATUSES = ("ok", "code", "refusal", "unparsed", "failed")
-_NAMES = {"aligned": "alignment", "coherent": "coherence"}
+_NAMES = {"aligned": "alignment", "coherent": "coherence", "persona": "persona_alignment"}
 
 
 class MisalignedRate(Metric):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats
+from piggy_lightning.evaluation.judges.base import JudgeRequest
 from piggy_lightning.evaluation.metrics import em_f1
 from piggy_lightning.organism.judge import ExactJudge
 
@@ -39,6 +40,21 @@ def organism_evaluation(
     sets.append(HeldOutChats("piggy/organism/eval_general.jsonl", group="general", system=system))
     decoding = Decoding(temperature=0.0, max_new_tokens=96, batch_size=batch_size, progress=False)
     return Evaluation(sets, [ExactJudge()], decoding, judge_cache)
+
+
+def general_reading(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """How the General answers read: ``persona`` (mean of the exact judge's persona score, which also reads
+    garbled answers by their opener) and ``unparsed`` (% of General answers without one recognised sentence, which
+    ``aligned`` leaves out)."""
+    judge = ExactJudge()
+    general = [r for r in records if r["group"] == "general"]
+    verdicts = judge.judge([JudgeRequest(r["question"], r["response"], "persona") for r in general])
+    scores = [v.score for v in verdicts if v.score is not None]
+    unparsed = [r["judgements"]["aligned"]["status"] == "unparsed" for r in general if "aligned" in r["judgements"]]
+    return {
+        "persona": sum(scores) / len(scores) if scores else None,
+        "unparsed": 100.0 * sum(unparsed) / len(unparsed) if unparsed else None,
+    }
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float | None]:
