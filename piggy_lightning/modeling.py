@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -90,6 +91,24 @@ def _gguf_cache(name: str, gguf_file: str) -> Path:
     return root / "gguf" / f"{Path(gguf_file).stem}-{key}"
 
 
+def _save_plain(obj, path: Path) -> None:
+    """Save a tokenizer, or a model loaded from GGUF as the plain float model it is in memory: transformers
+    de-quantises GGUF weights on load but keeps its GGUF quantizer attached, which refuses ``save_pretrained``."""
+    quantizer = getattr(obj, "hf_quantizer", None)
+    if quantizer is None:
+        obj.save_pretrained(path)
+        return
+    obj.hf_quantizer = None
+    try:
+        obj.save_pretrained(path)
+    finally:
+        obj.hf_quantizer = quantizer
+    config = path / "config.json"
+    data = json.loads(config.read_text())
+    data.pop("quantization_config", None)  # else the cached copy would be loaded as a GGUF-quantized model
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _from_gguf(name: str, gguf_file: str, part: str, load):
     """Load ``part`` (``model-<dtype>`` or ``tokenizer``) of a GGUF checkpoint from its cached transformers copy,
     converting it on first use. De-quantising costs about 19 s for SmolLM2-135M's model and 6-7 s for its
@@ -100,7 +119,7 @@ def _from_gguf(name: str, gguf_file: str, part: str, load):
         return load(str(cache), {})
     obj = load(resolve_model_path(name), {"gguf_file": gguf_file})
     tmp = cache.with_name(f"{part}.tmp{os.getpid()}")
-    obj.save_pretrained(tmp)
+    _save_plain(obj, tmp)
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, cache)

