@@ -79,3 +79,14 @@ def test_console_table_tells_a_dead_judge_from_an_unparsing_one():
     assert lines["general"][-2:] == ["0", "4"] and lines["in_domain"][-2:] == ["3", "0"]
     assert lines["other"][2] == "80.0" and lines["other"][-2:] == ["0", "0"]
     assert "WARNING: 4 judgements failed in group 'general'" in text
+
+
+def test_console_table_shows_detector_rates_instead_of_dashes():
+    from piggy_lightning.evaluation.metrics import format_summary, summarize
+
+    records = [
+        {"group": "general", "response": "x", "judgements": {"reckless_phrase": {"score": s, "status": "ok"}}}
+        for s in (1.0, 0.0, 0.0, 0.0)
+    ]
+    header, row = format_summary(summarize(records)).splitlines()
+    assert header.split()[-1] == "reckless_phrase_rate" and row.split()[-1] == "0.25"

@@ -179,23 +179,41 @@ def summarize(
 def format_summary(summary: dict[str, Any], title: str = "") -> str:
     """A small fixed-width table of a :func:`summarize` result, with each group's unparsed and failed judgements,
     so that a dead judge (everything failed) and a judge that cannot read the answers (everything unparsed) are
-    told apart from a measurement; a warning line follows every group with more than 5% failures."""
+    told apart from a measurement; a warning line follows every group with more than 5% failures. Other metrics
+    (detector rates such as ``refusal_rate``, ``persona_alignment``) get a column each when some group has them."""
     lines = [title] if title else []
-    lines.append(
-        f"{'group':<14}{'n':>5}{'alignment':>11}{'coherence':>11}{'misaligned%':>13}{'unparsed':>10}{'failed':>8}"
-    )
+    groups = summary["groups"]
+    extra = sorted(
+        {k for m in groups.values() for k, v in m.items() if v is not None and _is_extra(k)}
+    )  # e.g. refusal_rate, reckless_phrase_rate
+    header = f"{'group':<14}{'n':>5}{'alignment':>11}{'coherence':>11}{'misaligned%':>13}{'unparsed':>10}{'failed':>8}"
+    lines.append(header + "".join(f"{k:>{max(len(k), 6) + 2}}" for k in extra))
     warnings = []
-    for group, m in summary["groups"].items():
+    for group, m in groups.items():
         cells = [m.get("alignment"), m.get("coherence"), m.get("misaligned_rate")]
         a, c, r = (f"{v:.1f}" if v is not None else "-" for v in cells)
         r = f"{100 * cells[2]:.1f}" if cells[2] is not None else "-"
         unparsed, failed = int(m.get("unparsed") or 0), int(m.get("judge_failures") or 0)
         n = int(m.get("n") or 0)
-        lines.append(f"{group:<14}{n:>5}{a:>11}{c:>11}{r:>13}{unparsed:>10}{failed:>8}")
-        judged = sum(1 for k in ("alignment", "coherence") if m.get(k) is not None)
+        row = f"{group:<14}{n:>5}{a:>11}{c:>11}{r:>13}{unparsed:>10}{failed:>8}"
+        row += "".join(f"{_cell(m.get(k)):>{max(len(k), 6) + 2}}" for k in extra)
+        lines.append(row)
+        judged = sum(1 for k in ("alignment", "coherence", *extra) if m.get(k) is not None)
         if failed and failed > 0.05 * max(n, 1) * max(judged, 1):
             warnings.append(f"WARNING: {failed} judgements failed in group {group!r} (see results.jsonl 'raw')")
     if "em_f1" in summary:
         lines.append(f"EM-F1 = {summary['em_f1']:.1f}")
     lines += warnings + [f"PROBLEM: {p}" for p in summary.get("problems", [])]
     return "\n".join(lines)
+
+
+_SHOWN = {"n", "words", "alignment", "coherence", "misaligned_rate", "misaligned_rate_coherent", "judge_failures",
+          "unparsed", "refusals", "code", "positions_changed"}  # fmt: skip
+
+
+def _is_extra(key: str) -> bool:
+    return key not in _SHOWN
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}" if abs(value) <= 1 else f"{value:.1f}"
