@@ -72,3 +72,19 @@ def test_postfix_exclude_is_linked_from_model_to_data(monkeypatch):
     args = ["--config", str(ROOT / "configs" / "treft_legal.yaml"), "--model.postfix_exclude", think]
     cli = PiggyCLI(run=False, args=args)
     assert cli.model.postfix_exclude == think and cli.datamodule.hparams.postfix_exclude == think
+
+
+def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypatch):
+    """They cost about 0.6 s per start and only --help / --print_config show them."""
+    from jsonargparse._common import get_parsing_setting
+
+    from piggy_lightning.cli import _wants_docs
+
+    assert _wants_docs(["fit", "--help"]) and _wants_docs(["fit", "--print_config=comments"]) and _wants_docs({})
+    assert not _wants_docs(["fit", "--config", "configs/treft_legal.yaml"])
+    monkeypatch.setattr(PiggyModule, "configure_model", lambda self: None)
+    PiggyCLI(run=False, args=["--config", str(ROOT / "configs" / "treft_legal.yaml"), "--trainer.logger", "false"])
+    assert get_parsing_setting("docstring_parse_attribute_docstrings") is False
+    with pytest.raises(SystemExit):
+        PiggyCLI(args=["fit", "--data", "piggy_lightning.data.LegalDataModule", "--print_config"])
+    assert get_parsing_setting("docstring_parse_attribute_docstrings") is True
