@@ -76,7 +76,7 @@ def test_postfix_exclude_is_linked_from_model_to_data(monkeypatch):
 
 def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypatch):
     """They cost about 0.6 s per start and only --help / --print_config show them."""
-    from jsonargparse._common import get_parsing_setting
+    from jsonargparse._optionals import get_docstring_parse_options
 
     from piggy_lightning.cli import _wants_docs
 
@@ -84,7 +84,7 @@ def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypa
     assert not _wants_docs(["fit", "--config", "configs/treft_legal.yaml"])
     monkeypatch.setattr(PiggyModule, "configure_model", lambda self: None)
     PiggyCLI(run=False, args=["--config", str(ROOT / "configs" / "treft_legal.yaml"), "--trainer.logger", "false"])
-    assert get_parsing_setting("docstring_parse_attribute_docstrings") is False
+    assert get_docstring_parse_options()["attribute_docstrings"] is False
     with pytest.raises(SystemExit):
         PiggyCLI(args=["fit", "--data", "piggy_lightning.data.LegalDataModule", "--print_config"])
-    assert get_parsing_setting("docstring_parse_attribute_docstrings") is True
+    assert get_docstring_parse_options()["attribute_docstrings"] is True
