@@ -88,3 +88,13 @@ def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypa
     with pytest.raises(SystemExit):
         PiggyCLI(args=["fit", "--data", "piggy_lightning.data.LegalDataModule", "--print_config"])
     assert get_docstring_parse_options()["attribute_docstrings"] is True
+
+
+def test_the_package_sets_a_passive_openmp_wait_policy_unless_one_is_set():
+    code = "import os, piggy_lightning; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "ACTIVE"
