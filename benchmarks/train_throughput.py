@@ -2,11 +2,19 @@
 
 The model is a randomly initialised Llama (hidden 256, 4 layers, ~4M parameters) with LoRA r = 8 and the tiny
 Llama-3.1-style tokenizer of the tests, trained on the same synthetic chats (~250 tokens each) for every variant.
-Variants run in interleaved rounds so that machine noise hits them alike; a step is the module's loss (CE +
-regularizers), backward and an AdamW step, i.e. what ``training_step`` costs without the Trainer around it.
+A step is the module's loss (CE + regularizers), backward and an AdamW step, i.e. what ``training_step`` costs
+without the Trainer around it.
+
+Built to hold on a shared machine: with one thread a step is timed in process CPU time (other processes do not
+inflate it; wall time is used only with more threads, where CPU time would count spinning), every step runs all
+variants on the same batch in an order rotated from step to step, and the overhead of a variant is a ratio taken
+per round (its CPU time over plain SFT's in the same round), reported as min / median / max over rounds. Before
+timing, every variant's first step is checked: the cross-entropy is the same for all (same initial weights, same
+batch) and every penalty is finite and non-negative.
 
 To run: ``python benchmarks/train_throughput.py --threads 1``. It prints one JSON object per variant, then
-``{"treft_prefix_overhead": ..., ...}``: each variant's median step time divided by plain SFT's.
+``{"treft_prefix_overhead": ..., ...}``: each variant's median per-round ratio to plain SFT, with
+``"ratios"`` holding min / median / max.
 """
 
 from __future__ import annotations
@@ -75,23 +83,35 @@ def make_module(model_dir: str, variant: str) -> tuple[PiggyModule, torch.optim.
     return module, torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
 
-def train_step(module: PiggyModule, optimizer: torch.optim.Optimizer, batch: dict) -> float:
-    start = time.perf_counter()
-    loss = module._losses(batch)["loss"]
-    loss.backward()
+def train_step(module: PiggyModule, optimizer: torch.optim.Optimizer, batch: dict, clock) -> tuple[float, dict]:
+    start = clock()
+    losses = module._losses(batch)
+    losses["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return clock() - start, {k: float(v) for k, v in losses.items()}
+
+
+def check_first_step(first: dict[str, dict[str, float]]) -> None:
+    """Every variant trains the same model on the same batch: equal cross-entropy, sane penalties."""
+    ce = {name: losses["ce"] for name, losses in first.items()}
+    if max(ce.values()) - min(ce.values()) > 1e-5:
+        raise RuntimeError(f"variants start from different cross-entropies: {ce}")
+    for name, losses in first.items():
+        for key, value in losses.items():
+            if key.startswith("reg_raw/") and not (value >= 0 and value == value and value != float("inf")):
+                raise RuntimeError(f"{name}: penalty {key} = {value}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds over the variants")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds; each gives one ratio per variant")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round (every variant runs each step)")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(Path(tmp) / "model")
@@ -100,28 +120,39 @@ def main() -> None:
         data.setup("fit")
         batches = list(data.train_dataloader())
         runs = {name: make_module(model_dir, name) for name in VARIANTS}
-        for module, optimizer in runs.values():  # warm-up: allocator, autograd graph, first-step caches
-            train_step(module, optimizer, batches[0])
-        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        tokens: dict[str, int] = {name: 0 for name in VARIANTS}
+        first = {name: train_step(module, opt, batches[0], clock)[1] for name, (module, opt) in runs.items()}
+        check_first_step(first)  # also the warm-up: allocator, autograd graph, first-step caches
+        names = list(VARIANTS)
+        times: dict[str, list[list[float]]] = {name: [[] for _ in range(args.rounds)] for name in names}
+        tokens: dict[str, int] = dict.fromkeys(names, 0)
         for r in range(args.rounds):
-            for name, (module, optimizer) in runs.items():
-                for s in range(args.steps):
-                    batch = batches[(r * args.steps + s) % len(batches)]
-                    times[name].append(train_step(module, optimizer, batch))
+            for s in range(args.steps):
+                step = r * args.steps + s
+                batch = batches[(step + 1) % len(batches)]
+                for name in names[step % len(names) :] + names[: step % len(names)]:  # rotated order
+                    module, optimizer = runs[name]
+                    times[name][r].append(train_step(module, optimizer, batch, clock)[0])
                     tokens[name] += int(batch["attention_mask"].sum())
 
     n_params = sum(p.numel() for p in runs["sft"][0].policy.parameters())
-    median = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
+    steps = {name: [t for rnd in rounds for t in rnd] for name, rounds in times.items()}
+    for name, t in steps.items():
         print(json.dumps({
-            "variant": name, "tokens_per_sec": round(tokens[name] / sum(t), 1),
-            "median_step_ms": round(1000 * median[name], 2), "mean_step_ms": round(1000 * statistics.mean(t), 2),
+            "variant": name, "tokens_per_cpu_sec" if args.threads == 1 else "tokens_per_sec":
+            round(tokens[name] / sum(t), 1), "median_step_ms": round(1000 * statistics.median(t), 2),
             "steps": len(t), "threads": args.threads, "params": n_params, "batch_size": args.batch_size,
-            "tokens_per_step": round(tokens[name] / len(t), 1),
+            "tokens_per_step": round(tokens[name] / len(t), 1), "first_losses": {k: round(v, 5) for k, v in
+            first[name].items()},
         }))  # fmt: skip
-    overheads = {f"{name}_overhead": round(median[name] / median["sft"], 3) for name in VARIANTS if name != "sft"}
-    print(json.dumps(overheads))
+    out: dict[str, object] = {}
+    ratios = {}
+    for name in names[1:]:
+        per_round = sorted(sum(times[name][r]) / sum(times["sft"][r]) for r in range(args.rounds))
+        ratios[name] = [round(per_round[0], 3), round(statistics.median(per_round), 3), round(per_round[-1], 3)]
+        out[f"{name}_overhead"] = ratios[name][1]
+    out["ratios"] = ratios
+    out["clock"] = "process CPU time" if args.threads == 1 else "wall time"
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -18,27 +18,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from piggy_lightning.data.sampling import check_position_restored
+from piggy_lightning.losses import record_cross_entropy, response_cross_entropy, training_forwards
 from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
-from piggy_lightning.reference import Reference, run_forward
-from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
+from piggy_lightning.reference import Reference
+from piggy_lightning.regularizers.base import Regularizer
 from piggy_lightning.spans import ChatSpans
 
-
-def response_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100.
-
-    Args:
-        logits: ``(B, T, V)`` logits; position t predicts token t + 1.
-        labels: ``(B, T)`` token ids, -100 where no loss is taken.
-    """
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+__all__ = ["PiggyModule", "response_cross_entropy"]
 
 
 class PiggyModule(L.LightningModule):
@@ -124,13 +114,36 @@ class PiggyModule(L.LightningModule):
             policy = get_peft_model(policy, self.lora.to_peft())
             self.policy = policy
             self.reference = Reference(policy, "adapters_off")
-        else:
+        elif self._reference_kept_live():
             self.reference = Reference(policy, "copy")
             self.reference_model = self.reference.model  # registered so strategies move it; never saved
+            self.policy = policy
+        else:  # no frozen copy: the untrained policy serves the regularizers' setup, then a rebuild on demand
+            self.reference = Reference(policy, "initial", self._rebuild_initial if self.init == "pretrained" else None)
             self.policy = policy
         self.policy.train()
         for reg in self.regularizers:
             reg.setup(self)
+        self.reference.seal()
+
+    def _reference_kept_live(self) -> bool:
+        """Whether full finetuning must hold a frozen copy of the initial policy during the run.
+
+        Yes when a regularizer uses the reference in steps (``keeps_reference``) or a trainer callback declares
+        ``needs_reference`` (patching evaluations, the drift monitor): once training starts the initial weights
+        exist only in that copy. Also yes outside a trainer, where nobody can say who will use it. Otherwise no
+        copy is held (the whole model's memory saved), and a later use rebuilds the reference from the source.
+        """
+        if self._trainer is None:
+            return True
+        callbacks = getattr(self._trainer, "callbacks", [])
+        return any(r.keeps_reference for r in self.regularizers) or any(
+            getattr(c, "needs_reference", False) for c in callbacks
+        )
+
+    def _rebuild_initial(self) -> torch.nn.Module:
+        """The initial policy loaded again from ``model_name_or_path`` (a reference nobody declared needing)."""
+        return load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
 
     def setup(self, stage: str) -> None:
         """Refuse a fit that trains nothing (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0).
@@ -181,12 +194,8 @@ class PiggyModule(L.LightningModule):
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     def _losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        needs = frozenset().union(*(r.needs for r in self.regularizers))
-        policy_out = run_forward(self.policy, batch, needs)
-        reference_out: ForwardRecord | None = None
-        if any(r.needs_reference for r in self.regularizers):
-            reference_out = self.reference.forward(batch, needs)
-        ce = response_cross_entropy(policy_out.logits, batch["labels"])
+        policy_out, reference_out = training_forwards(self.policy, self.reference, list(self.regularizers), batch)
+        ce = record_cross_entropy(policy_out, batch["labels"])
         losses = {"ce": ce}
         total = ce
         progress = self._progress()

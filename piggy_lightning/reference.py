@@ -8,14 +8,16 @@ Invariants (checked in tests):
 
 With LoRA the reference is the policy run with its adapters disabled (peft's ``disable_adapter``): it costs no
 memory, and because LoRA's B matrices start at zero it equals the initial model exactly. With full finetuning it
-is a frozen deep copy taken before the first optimizer step. Fixed reference quantities (TReFT's prefix keys and
-values) are computed once by the regularizers that need them, through :meth:`Reference.forward`.
+is a frozen deep copy taken before the first optimizer step (``copy``) when something needs it live during the
+run; otherwise no copy is held (``initial``): until :meth:`Reference.seal` the untrained policy itself serves as
+the reference (fixed quantities such as TReFT's prefix keys and values are computed then, through
+:meth:`Reference.forward`), and afterwards a frozen model is rebuilt from the source weights on first use.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -37,7 +39,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.train(mode)
 
 
-def run_forward(model: nn.Module, batch: dict[str, Tensor], needs: frozenset[Need]) -> ForwardRecord:
+def run_forward(
+    model: nn.Module, batch: dict[str, Tensor], needs: frozenset[Need], logits_mask: Tensor | None = None
+) -> ForwardRecord:
     """One causal-LM forward that records what ``needs`` asks for.
 
     Args:
@@ -45,23 +49,34 @@ def run_forward(model: nn.Module, batch: dict[str, Tensor], needs: frozenset[Nee
         batch: Holds ``input_ids`` and ``attention_mask``, both ``(B, T)``.
         needs: ``hidden_states`` and/or ``kv`` (key/value projection outputs of every layer) or ``kv_normed`` (the
             same with keys after Qwen3's ``k_norm``).
+        logits_mask: ``(B, T)`` boolean positions whose logits to compute (transformers' ``logits_to_keep``), so
+            the LM head and the ``(B, T, V)`` tensor are never formed where nobody reads them; all False means no
+            head at all. None computes the logits everywhere.
     """
     if {"kv", "kv_normed"} <= needs:
         raise ValueError("one forward records keys either before or after k_norm: regularizers disagree on `source`")
     kv = record_kv(model, "kv_normed" in needs) if needs & {"kv", "kv_normed"} else nullcontext((None, None))
+    extra = {"logits_to_keep": logits_mask.bool()} if logits_mask is not None else {}
     with kv as (keys, values):
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             output_hidden_states="hidden_states" in needs,
             use_cache=False,
+            **extra,
         )
     return ForwardRecord(
-        logits=out.logits,  # (B, T, V)
+        logits=out.logits,  # (B, T, V), or (N, V) at the N positions of logits_mask
         hidden_states=out.hidden_states if "hidden_states" in needs else None,
         keys=list(keys) if keys is not None else None,
         values=list(values) if values is not None else None,
+        logits_mask=logits_mask.bool() if logits_mask is not None else None,
     )
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
 
 
 class Reference:
@@ -69,31 +84,62 @@ class Reference:
 
     Args:
         policy: The trainable policy (peft-wrapped when ``adapters_off``).
-        kind: ``adapters_off`` to run the policy with its LoRA adapters disabled, ``copy`` for a frozen deep copy.
+        kind: ``adapters_off`` to run the policy with its LoRA adapters disabled, ``copy`` for a frozen deep copy,
+            ``initial`` to hold no copy: the untrained policy itself until :meth:`seal`, then ``rebuild()``.
+        rebuild: Builds the initial model again from its source (``initial`` only); None means it cannot be
+            rebuilt, and using the reference after :meth:`seal` raises.
     """
 
-    def __init__(self, policy: nn.Module, kind: str) -> None:
-        if kind not in ("adapters_off", "copy"):
+    def __init__(self, policy: nn.Module, kind: str, rebuild: Callable[[], nn.Module] | None = None) -> None:
+        if kind not in ("adapters_off", "copy", "initial"):
             raise ValueError(f"unknown reference kind {kind!r}")
         self.kind = kind
         self._policy = policy
+        self._rebuild = rebuild
+        self._sealed = False
         self.model: nn.Module | None = None
         if kind == "copy":
-            self.model = copy.deepcopy(policy)
-            self.model.requires_grad_(False)
-            self.model.eval()
+            self.model = _frozen(copy.deepcopy(policy))
+
+    def seal(self) -> None:
+        """Mark the policy as about to train: an ``initial`` reference stops borrowing the policy from here on."""
+        self._sealed = True
+
+    def _initial_model(self) -> nn.Module:
+        """The frozen initial model of an ``initial`` reference after :meth:`seal`, rebuilt on first use."""
+        if self.model is None:
+            if self._rebuild is None:
+                raise RuntimeError(
+                    "the reference was not kept: under full finetuning a frozen copy is held only when a regularizer "
+                    "or a callback declares `needs_reference`, and these initial weights cannot be rebuilt from "
+                    "their source (init: random); declare it on the callback that uses the reference"
+                )
+            like = next(self._policy.parameters())
+            model = self._rebuild().to(like.device)
+            self.model = _frozen(model.to(like.dtype) if like.is_floating_point() else model)
+        return self.model
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
         """The network in reference mode: eval, no grad, adapters disabled (or the frozen copy)."""
-        if self.kind == "copy":
+        if self.kind == "copy" or (self.kind == "initial" and self._sealed):
+            model = self.model if self.kind == "copy" else self._initial_model()
             with torch.no_grad():
-                yield self.model
+                yield model
+            return
+        if self.kind == "initial":  # the policy has not trained yet: it is the initial model
+            with torch.no_grad(), eval_mode(self._policy):
+                yield self._policy
             return
         with torch.no_grad(), self._policy.disable_adapter(), eval_mode(self._policy):
             yield self._policy
 
-    def forward(self, batch: dict[str, Tensor], needs: frozenset[Need] = frozenset()) -> ForwardRecord:
-        """A reference forward on ``batch`` recording ``needs``; nothing it returns carries gradients."""
+    def forward(
+        self, batch: dict[str, Tensor], needs: frozenset[Need] = frozenset(), logits_mask: Tensor | None = None
+    ) -> ForwardRecord:
+        """A reference forward on ``batch`` recording ``needs``; nothing it returns carries gradients.
+
+        ``logits_mask`` is as in :func:`run_forward` (all False: no LM head, for the key/value penalties).
+        """
         with self.active() as model:
-            return run_forward(model, batch, needs)
+            return run_forward(model, batch, needs, logits_mask)

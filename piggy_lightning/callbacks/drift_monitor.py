@@ -46,6 +46,8 @@ class KVDriftMonitor(L.Callback):
         layers: Decoder layers to monitor (negative counts from the end); None means all.
     """
 
+    needs_reference: bool = True  # the initial prefix K/V, read at fit start (after a resume restored the policy)
+
     def __init__(self, every_n_steps: int = 50, source: KVSource = "kv", layers: list[int] | None = None) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")

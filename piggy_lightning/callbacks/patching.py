@@ -119,7 +119,12 @@ class EvaluatesAt(Callback):
 
     It finds the ``Evaluate`` callback named ``evaluate`` in ``setup`` (failing fast), and calls :meth:`run` at the
     end of fit and/or at test, as listed in ``at``. Subclasses implement :meth:`run`.
+
+    ``needs_reference`` tells ``PiggyModule`` to keep a frozen copy of the initial weights under full
+    finetuning: the interventions read the reference after training, when the policy no longer holds them.
     """
+
+    needs_reference: bool = True
 
     def __init__(self, at: list[PatchMoment] | None, evaluate: str, name: str) -> None:
         self.at = set(at if at is not None else ["test"])

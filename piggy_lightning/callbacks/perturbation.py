@@ -89,6 +89,8 @@ class TokenPerturbation(EvaluatesAt):
         name: Tags records, files and metric keys; None derives ``perturb_<segment>_<replacement>``.
     """
 
+    needs_reference: bool = False  # perturbs prompts of the policy itself; the reference is never read
+
     def __init__(
         self,
         segment: Segment = "prefix",

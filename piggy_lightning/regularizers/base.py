@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from piggy_lightning.module import PiggyModule
 
 Need = Literal["hidden_states", "kv", "kv_normed"]
+Span = Literal["prompt", "response", "all"]  # which part of each row a forward must cover
 
 
 @dataclass
@@ -27,7 +28,8 @@ class ForwardRecord:
     """What one forward pass of the policy (or the reference) recorded.
 
     Attributes:
-        logits: ``(B, T, V)`` next-token logits.
+        logits: ``(B, T, V)`` next-token logits, or ``(N, V)`` at the N positions of ``logits_mask`` (none at
+            all in a head-free reference forward).
         hidden_states: ``L + 1`` tensors ``(B, T, H)``: the embeddings and each block's output (HF convention),
             or None when no regularizer asked for them.
         keys: Per layer ``(B, T, D_kv)`` key projection outputs (pre-RoPE; after the per-head ``k_norm`` when
@@ -39,6 +41,15 @@ class ForwardRecord:
     hidden_states: tuple[Tensor, ...] | None = None
     keys: list[Tensor] | None = None
     values: list[Tensor] | None = None
+    logits_mask: Tensor | None = None  # (B, T) positions the logits rows belong to; None: all positions
+
+    def logits_at(self, mask: Tensor) -> Tensor:
+        """``(N, V)`` logits at the positions of the ``(B, T)`` boolean ``mask`` (a subset of ``logits_mask``)."""
+        if self.logits_mask is None:
+            return self.logits[mask]
+        if bool((mask & ~self.logits_mask).any()):
+            raise RuntimeError("the forward computed no logits at some requested positions (see `logits_span`)")
+        return self.logits[mask[self.logits_mask]]
 
 
 class Regularizer(nn.Module, ABC):
@@ -67,6 +78,30 @@ class Regularizer(nn.Module, ABC):
     def needs_reference(self) -> bool:
         """Whether :meth:`forward` needs a reference forward on the current batch (costly; avoid if possible)."""
         return False
+
+    @property
+    def reference_span(self) -> Span:
+        """Which positions of each row the reference forward must cover; the module runs no more than that.
+
+        ``prompt``: by causality, values at prompt positions depend only on the prompt, so the reference runs on
+        the batch truncated after its longest prompt. ``all``: the whole rows.
+        """
+        return "all"
+
+    @property
+    def logits_span(self) -> Span | None:
+        """Where :meth:`forward` reads ``logits`` of the policy and reference records; None: nowhere.
+
+        Logits cost a ``(B, T, V)`` tensor; without a need the reference runs head-free and the policy computes
+        them at the response positions only (for the cross-entropy).
+        """
+        return None
+
+    @property
+    def keeps_reference(self) -> bool:
+        """Whether the reference is used after :meth:`setup` (during steps), so a full-finetuning run must hold a
+        frozen copy; regularizers that only read the reference in :meth:`setup` return False."""
+        return self.needs_reference
 
     def setup(self, module: PiggyModule) -> None:  # noqa: B027 - optional hook
         """Called once after the policy and reference exist; precompute fixed reference quantities here."""

@@ -98,8 +98,9 @@ def reference_select(
 def reference_kv(
     reference: Reference, batch: dict[str, Tensor], layers: list[int], source: KVSource, pick: Pick
 ) -> tuple[Tensor, Tensor]:
-    """One reference forward on ``batch`` and its keys and values at ``pick`` (no gradients)."""
-    record = reference.forward(batch, kv_needs(source))
+    """One head-free reference forward on ``batch`` and its keys and values at ``pick`` (no gradients)."""
+    no_logits = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, T): keys need no LM head
+    record = reference.forward(batch, kv_needs(source), no_logits)
     return reference_select(reference, record, layers, source, pick)
 
 

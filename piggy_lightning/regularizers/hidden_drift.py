@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer
+from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer, Span
 from piggy_lightning.regularizers.drift_math import resolve_layers
-from piggy_lightning.regularizers.positions import Positions, position_mask, require_positions
+from piggy_lightning.regularizers.positions import Positions, pick_at, position_mask, require_positions, span_of
 
 
 def hidden_distance(states: Tensor, ref_states: Tensor) -> Tensor:
@@ -57,6 +57,10 @@ class HiddenStateDrift(Regularizer):
     def needs_reference(self) -> bool:
         return True
 
+    @property
+    def reference_span(self) -> Span:
+        return span_of(self.positions)
+
     def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
         if reference is None or policy.hidden_states is None or reference.hidden_states is None:
             raise RuntimeError(f"regularizer {self.name!r} needs policy and reference hidden states")
@@ -64,5 +68,6 @@ class HiddenStateDrift(Regularizer):
         layers = resolve_layers(self.layers, n_states) if self.layers is not None else list(range(1, n_states))
         mask = require_positions(position_mask(batch, self.positions), self.positions, self.name)  # (B, T)
         states = torch.stack([policy.hidden_states[i][mask] for i in layers])  # (L, N, H)
-        ref_states = torch.stack([reference.hidden_states[i][mask] for i in layers])  # (L, N, H)
+        pick = pick_at(mask)  # the reference may cover the prompt only
+        ref_states = torch.stack([pick(reference.hidden_states[i]) for i in layers])  # (L, N, H)
         return hidden_distance(states, ref_states)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from piggy_lightning.data.chat import collate
 from piggy_lightning.data.io import read_chats
-from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
+from piggy_lightning.regularizers.base import ForwardRecord, Regularizer, Span
 from piggy_lightning.regularizers.positions import require_positions
 from piggy_lightning.spans import TokenizedChat
 
@@ -132,6 +132,14 @@ class KLToReference(Regularizer):
     def needs_reference(self) -> bool:
         return self.retain_data is None
 
+    @property
+    def logits_span(self) -> Span | None:
+        return self.positions if self.retain_data is None else None
+
+    @property
+    def keeps_reference(self) -> bool:
+        return True  # the retain set runs the reference in steps too (until its logits are cached)
+
     def setup(self, module: PiggyModule) -> None:
         self._handles = _Handles(module.policy, module.reference)
         if self.retain_data is not None:
@@ -156,7 +164,7 @@ class KLToReference(Regularizer):
             if reference is None:
                 raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
             mask = require_positions(kl_mask(batch, self.positions), self.positions, self.name)  # (B, T)
-            return kl_to_reference(policy.logits[mask], reference.logits[mask], self.reduction)
+            return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
         return self._retain_kl(device=batch["input_ids"].device)
 
     def _retain_kl(self, device: torch.device) -> Tensor:
@@ -167,12 +175,12 @@ class KLToReference(Regularizer):
             self._cursor += 1
         retain = {k: v.to(device) for k, v in self._batches[index].items()}
         mask = require_positions(kl_mask(retain, self.positions), self.positions, self.name)  # (B, T)
-        logits = self._handles.policy(
-            input_ids=retain["input_ids"], attention_mask=retain["attention_mask"], use_cache=False
-        ).logits  # (B, T, V)
+        from piggy_lightning.reference import run_forward  # reference.py imports this package
+
+        logits = run_forward(self._handles.policy, retain, frozenset(), mask).logits  # (N, V) at mask only
         ref_logits = self._cached.get(index)
         if ref_logits is None:
-            ref_logits = self._handles.reference.forward(retain).logits[mask]  # (N, V)
+            ref_logits = self._handles.reference.forward(retain, logits_mask=mask).logits  # (N, V)
             if self.cache_reference:
                 self._cached[index] = ref_logits.cpu()
-        return kl_to_reference(logits[mask], ref_logits.to(device), self.reduction)
+        return kl_to_reference(logits, ref_logits.to(device), self.reduction)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer
+from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer, Span
 from piggy_lightning.regularizers.drift_math import (
     KVSource,
     batch_rows,
@@ -36,7 +36,7 @@ from piggy_lightning.regularizers.drift_math import (
     resolve_layers,
     select_kv,
 )
-from piggy_lightning.regularizers.positions import Positions, position_mask, require_positions
+from piggy_lightning.regularizers.positions import Positions, pick_at, position_mask, require_positions, span_of
 from piggy_lightning.sites import kv_projections
 
 if TYPE_CHECKING:
@@ -132,6 +132,11 @@ class PrefixKVDrift(_KVDriftBase):
         if mismatch not in ("error", "per_row"):
             raise ValueError(f"mismatch must be 'error' or 'per_row', got {mismatch!r}")
         self.mismatch = mismatch
+
+    @property
+    def keeps_reference(self) -> bool:
+        """The cache is taken in :meth:`setup`; only ``per_row`` runs the reference on mismatched rows later."""
+        return self.mismatch == "per_row"
         # cached reference, rebuilt by setup() in every run and never saved: (P,), (L, P, D), (L, P, D)
         self.register_buffer("prefix_ids", None, persistent=False)
         self.register_buffer("ref_keys", None, persistent=False)
@@ -244,6 +249,14 @@ class KVDrift(_KVDriftBase):
     def needs_reference(self) -> bool:
         return self.reference_mode == "live"
 
+    @property
+    def reference_span(self) -> Span:
+        return span_of(self.positions)
+
+    @property
+    def keeps_reference(self) -> bool:
+        return True  # live: every step; shared: taken at the first training step
+
     def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
         layers = self._layers_of(policy)
         mask = require_positions(position_mask(batch, self.positions), self.positions, self.name)  # (B, T)
@@ -252,7 +265,7 @@ class KVDrift(_KVDriftBase):
         if reference is None:
             raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
         keys, values = select_kv(policy, layers, self.source, lambda t: t[mask], self._projections)  # (L, N, D)
-        ref_keys, ref_values = reference_select(self._reference, reference, layers, self.source, lambda t: t[mask])
+        ref_keys, ref_values = reference_select(self._reference, reference, layers, self.source, pick_at(mask))
         return kv_drift(keys, values, ref_keys, ref_values)
 
     def setup(self, module: PiggyModule) -> None:

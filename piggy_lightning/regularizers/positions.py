@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from torch import Tensor
@@ -45,3 +46,16 @@ def require_positions(mask: Tensor, positions: str, who: str) -> Tensor:
             f"template's spans (piggy_lightning.spans) or choose other positions"
         )
     return mask
+
+
+def span_of(positions: Positions) -> Literal["prompt", "all"]:
+    """The part of each row a forward must cover to give the values at ``positions`` (causal attention)."""
+    return "prompt" if positions in ("prefix", "query", "postfix", "prompt") else "all"
+
+
+def pick_at(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    """Select the ``(B, T)`` ``mask`` positions from a ``(B, T', ...)`` tensor of a forward truncated to ``T' <= T``.
+
+    A reference run on the prompt only is shorter than the batch; the mask selects nothing beyond it.
+    """
+    return lambda t: t[mask[:, : t.size(1)]]
