@@ -1,10 +1,12 @@
-"""Throughput of evaluation generation: batched with the shared-prefix KV cache vs one prompt at a time.
+"""Throughput of evaluation generation: batching and the shared-prefix KV cache, measured separately.
 
-The baseline generates each prompt alone, from its full token sequence, with no cache reuse: the way the
-released patching code runs (HF ``generate``, batch size 1). The candidate is
-:func:`piggy_lightning.evaluation.generate_responses` with batches of ``--batch-size`` and the default prefix computed
-once. Both decode greedily, in one process, on the same model and prompts; the script checks that they produce the
-same responses and prints a final JSON line ``{"batched_speedup": x, ...}``.
+Three paths decode greedily, in one process, on the same model and prompts: ``single`` generates each prompt alone
+from its full token sequence (the released patching code's way: HF ``generate``, batch size 1); ``batched`` is
+:func:`piggy_lightning.evaluation.generate_responses` with batches of ``--batch-size`` and no prefix sharing; and
+``batched_cache`` also computes the shared default prefix once. Each round runs all three in a rotated order and is
+timed in process CPU time with one thread (other processes do not inflate it; wall time otherwise). It reports the
+batching speedup (single / batched), the cache speedup (batched / batched_cache) and both together, as min /
+median / max over rounds, checks that all three give the same responses, and prints a final JSON line.
 
 To run (tiny in-process model on CPU, from the repository root)::
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -63,13 +66,19 @@ def _single(model, tokenizer, spans, questions, max_new_tokens, device):
     return out
 
 
-def _batched(model, tokenizer, spans, questions, max_new_tokens, batch_size):
+def _batched(model, tokenizer, spans, questions, max_new_tokens, batch_size, share_prefix=True):
     with tempfile.TemporaryDirectory() as tmp:
-        decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+        decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False,
+                            share_prefix=share_prefix)  # fmt: skip
         records = generate_responses(
             model, tokenizer, spans, questions, decoding, ResponseLog(Path(tmp) / "r.jsonl"), "m"
         )
     return [r["response"] for r in records]
+
+
+def _ratios(values: list[float]) -> list[float]:
+    values = sorted(values)
+    return [round(values[0], 2), round(statistics.median(values), 2), round(values[-1], 2)]
 
 
 def main() -> None:
@@ -80,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,24 +104,47 @@ def main() -> None:
     questions = [
         Question(f"p{i}", "general", (f"{PROMPTS[i % len(PROMPTS)]} (variant {i})",)) for i in range(args.prompts)
     ]
-    # warm up both paths (allocator, kernels, template caches)
-    _single(model, tokenizer, spans, questions[:2], 4, args.device)
-    _batched(model, tokenizer, spans, questions[:4], 4, args.batch_size)
+    cpu = args.threads == 1 and args.device == "cpu"
+    clock = time.process_time if cpu else time.perf_counter
 
-    start = time.perf_counter()
-    single = _single(model, tokenizer, spans, questions, args.max_new_tokens, args.device)
-    single_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = _batched(model, tokenizer, spans, questions, args.max_new_tokens, args.batch_size)
-    batched_s = time.perf_counter() - start
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    paths = {
+        "single": lambda n: _single(model, tokenizer, spans, questions[:n], args.max_new_tokens, args.device),
+        "batched": lambda n: _batched(model, tokenizer, spans, questions[:n], args.max_new_tokens, args.batch_size,
+                                      share_prefix=False),
+        "batched_cache": lambda n: _batched(model, tokenizer, spans, questions[:n], args.max_new_tokens,
+                                            args.batch_size),
+    }  # fmt: skip
+    for run in paths.values():  # warm up (allocator, kernels, template caches)
+        run(4)
+    names = list(paths)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    outputs: dict[str, list[str]] = {}
+    for r in range(args.rounds):
+        for name in names[r % 3 :] + names[: r % 3]:
+            sync()
+            start = clock()
+            outputs[name] = paths[name](args.prompts)
+            sync()
+            seconds[name].append(clock() - start)
+    rounds = range(args.rounds)
+    batching = [seconds["single"][i] / seconds["batched"][i] for i in rounds]
+    cache = [seconds["batched"][i] / seconds["batched_cache"][i] for i in rounds]
+    total = [seconds["single"][i] / seconds["batched_cache"][i] for i in rounds]
     result = {
-        "batched_speedup": round(single_s / batched_s, 2),
+        "batched_speedup": round(statistics.median(total), 2),
+        "batching_speedup": round(statistics.median(batching), 2),
+        "prefix_cache_speedup": round(statistics.median(cache), 2),
+        "ratios": {"total": _ratios(total), "batching": _ratios(batching), "prefix_cache": _ratios(cache)},
+        "identical_outputs": outputs["single"] == outputs["batched"] == outputs["batched_cache"],
+        "seconds_median": {n: round(statistics.median(t), 3) for n, t in seconds.items()},
+        "clock": "process CPU time" if cpu else "wall time",
         "batch_size": args.batch_size,
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
-        "single_s": round(single_s, 3),
-        "batched_s": round(batched_s, 3),
-        "identical_outputs": single == batched,
         "model": args.model or "tests.fixtures.tiny qwen2",
         "device": args.device,
         "threads": args.threads,

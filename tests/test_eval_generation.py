@@ -174,3 +174,20 @@ def test_samples_per_paraphrase_follow_the_decoding_mode():
     assert Decoding().samples_for(q) == 1
     assert Decoding(temperature=1.0).samples_for(q) == 5
     assert Decoding(temperature=1.0, samples=2).samples_for(q) == 2
+
+
+def test_without_the_shared_prefix_cache_outputs_are_the_same(tmp_path):
+    """``share_prefix: false`` runs every prompt in full (what the generation benchmark compares against)."""
+    tokenizer, model = _tiny("qwen25", "qwen2")
+    spans, questions = ChatSpans(tokenizer), _questions()
+    responses = {}
+    for share in (True, False):
+        intervention = _Spy()
+        decoding = Decoding(max_new_tokens=12, batch_size=4, progress=False, share_prefix=share)
+        log = ResponseLog(tmp_path / f"{share}.jsonl")
+        records = generate_responses(
+            model, tokenizer, spans, questions, decoding, log, "tiny", intervention=intervention
+        )
+        responses[share] = [r["response"] for r in records]
+        assert bool(intervention.prefix_lengths) == share and all(b.cached == 0 for b in intervention.batches) != share
+    assert responses[True] == responses[False]

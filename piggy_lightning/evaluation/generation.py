@@ -52,6 +52,8 @@ class Decoding:
         batch_size: Prompts per ``generate`` call.
         seed: Base seed; each batch seeds torch from it and the batch's first record key.
         progress: Show a progress bar.
+        share_prefix: Run a prefix shared by several prompts once and copy its cache into every batch; the outputs
+            are the same either way (tested), so False only serves to measure what the cache saves.
     """
 
     temperature: float = 0.0
@@ -61,6 +63,7 @@ class Decoding:
     batch_size: int = 16
     seed: int = 0
     progress: bool = True
+    share_prefix: bool = True
 
     def identity(self) -> dict[str, float | int | None]:
         """The settings that shape a response (batching and progress do not: batched greedy outputs are exact)."""
@@ -165,9 +168,12 @@ def _plan(
     return work
 
 
-def _batches(work: list[_Work], batch_size: int) -> list[tuple[tuple[int, ...], list[_Work]]]:
-    """Group by shared prefix (``()`` for prompts whose prefix no other prompt shares) and cut into batches."""
-    prefixes = Counter(tuple(w.prompt.input_ids[: w.n_prefix]) for w in work)
+def _batches(
+    work: list[_Work], batch_size: int, share_prefix: bool = True
+) -> list[tuple[tuple[int, ...], list[_Work]]]:
+    """Group by shared prefix (``()`` for prompts whose prefix no other prompt shares, or for every prompt when
+    ``share_prefix`` is False) and cut into batches."""
+    prefixes = Counter(tuple(w.prompt.input_ids[: w.n_prefix]) for w in work) if share_prefix else Counter()
     groups: dict[tuple[int, ...], list[_Work]] = {}
     for w in work:
         prefix = tuple(w.prompt.input_ids[: w.n_prefix])
@@ -245,7 +251,7 @@ def generate_responses(
     prefix_caches: dict[tuple[int, ...], KVCache] = {}
     bar = tqdm(total=len(work), desc=f"generate[{intervention.name}]", disable=not decoding.progress, leave=False)
     with eval_mode(model), torch.no_grad():
-        for prefix, items in _batches(work, decoding.batch_size):
+        for prefix, items in _batches(work, decoding.batch_size, decoding.share_prefix):
             if all(w.key in log for w in items):
                 bar.update(len(items))
                 continue
