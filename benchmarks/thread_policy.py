@@ -7,8 +7,8 @@ the child), and the machine's load average before the first round. ``--load N`` 
 the duration, to measure a loaded machine on purpose.
 
 To run: ``python benchmarks/thread_policy.py --rounds 3`` (about 4 minutes), and ``--load 1`` for the loaded case.
-The package sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset (``piggy_lightning/__init__.py``); set the variable
-yourself to override it.
+The package sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and the machine is busy
+(``piggy_lightning/__init__.py``, chosen from this benchmark's idle and loaded runs); set the variable to override.
 """
 
 from __future__ import annotations

@@ -90,11 +90,12 @@ def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypa
     assert get_docstring_parse_options()["attribute_docstrings"] is True
 
 
-def test_the_package_sets_a_passive_openmp_wait_policy_unless_one_is_set():
-    code = "import os, piggy_lightning; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
-    assert out.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
+def test_openmp_wait_policy_is_passive_only_on_a_busy_machine_and_a_set_one_is_kept():
+    from piggy_lightning import wait_policy
+
+    assert wait_policy(load=1.0, cores=2) == "PASSIVE" and wait_policy(load=0.3, cores=2) is None
+    assert wait_policy(load=3.0, cores=64) is None and wait_policy(load=20.0, cores=64) == "PASSIVE"
+    code = "import os, piggy_lightning; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {**__import__("os").environ, "OMP_WAIT_POLICY": "ACTIVE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "ACTIVE"
