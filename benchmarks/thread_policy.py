@@ -7,7 +7,7 @@ the child), and the machine's load average before the first round. ``--load N`` 
 the duration, to measure a loaded machine on purpose.
 
 To run: ``python benchmarks/thread_policy.py --rounds 3`` (about 4 minutes), and ``--load 1`` for the loaded case.
-The package sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and the machine is busy
+The package sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and other processes keep the machine busy
 (``piggy_lightning/__init__.py``, chosen from this benchmark's idle and loaded runs); set the variable to override.
 """
 

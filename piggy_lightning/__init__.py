@@ -4,26 +4,45 @@ Importing the package chooses OpenMP's wait policy before torch starts OpenMP, u
 already set (set it yourself to override; it has no effect when torch was imported before this package). Measured
 on the 2-core machine with ``benchmarks/thread_policy.py`` (main job, 2 threads): on an idle machine the default
 ACTIVE policy is fastest (11.1 s wall against 14.3 s with PASSIVE), while with one other busy process waiting
-threads spin against it (21.7 s ACTIVE against 14.1 s PASSIVE). So PASSIVE is set only when the machine is busy:
-when the 1-minute load average is at least a quarter of the cores.
+threads spin against it (21.7 s ACTIVE against 14.1 s PASSIVE). So PASSIVE is set only when other processes keep
+at least half a core busy, sampled from ``/proc/stat`` for 0.1 s at import (the load average would also count this
+project's own previous runs, so a second run in a row would be slowed for nothing).
 """
 
 import os
+import time
 
 
-def wait_policy(load: float, cores: int) -> str | None:
-    """The OpenMP wait policy to set for a machine with this load average and core count (None: the default)."""
-    return "PASSIVE" if load >= 0.25 * max(cores, 1) else None
+def wait_policy(busy_cores: float) -> str | None:
+    """The OpenMP wait policy to set when other processes keep ``busy_cores`` cores busy (None: the default)."""
+    return "PASSIVE" if busy_cores >= 0.5 else None
+
+
+def busy_cores(interval: float = 0.1) -> float | None:
+    """How many cores other processes keep busy, from ``/proc/stat`` over ``interval`` seconds (this process sleeps
+    meanwhile); None where ``/proc/stat`` cannot be read."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (busy1 - busy0) / max(total1 - total0, 1)
 
 
 if "OMP_WAIT_POLICY" not in os.environ:
-    try:
-        _policy = wait_policy(os.getloadavg()[0], os.cpu_count() or 1)
-    except OSError:  # no load average on this platform
-        _policy = None
-    if _policy is not None:
+    _busy = busy_cores()
+    if _busy is not None and (_policy := wait_policy(_busy)) is not None:
         os.environ["OMP_WAIT_POLICY"] = _policy
 
 from piggy_lightning.module import PiggyModule  # noqa: E402
 
-__all__ = ["PiggyModule", "wait_policy"]
+__all__ = ["PiggyModule", "busy_cores", "wait_policy"]

@@ -91,10 +91,19 @@ def test_attribute_docstrings_are_parsed_only_for_help_and_print_config(monkeypa
 
 
 def test_openmp_wait_policy_is_passive_only_on_a_busy_machine_and_a_set_one_is_kept():
-    from piggy_lightning import wait_policy
+    import multiprocessing
 
-    assert wait_policy(load=1.0, cores=2) == "PASSIVE" and wait_policy(load=0.3, cores=2) is None
-    assert wait_policy(load=3.0, cores=64) is None and wait_policy(load=20.0, cores=64) == "PASSIVE"
+    from piggy_lightning import busy_cores, wait_policy
+
+    assert wait_policy(1.0) == "PASSIVE" and wait_policy(0.1) is None
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(0.3) >= 0.5, "a busy-looping process keeps about one core busy"
+    finally:
+        burner.kill()
+        burner.wait()
+    assert 0.0 <= busy_cores(0.05) <= multiprocessing.cpu_count()
     code = "import os, piggy_lightning; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {**__import__("os").environ, "OMP_WAIT_POLICY": "ACTIVE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
