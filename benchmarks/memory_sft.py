@@ -5,8 +5,9 @@ needs none (about +16 GB of accelerator memory for an 8B model in bf16). This be
 initialised ~32M-parameter Llama on the same batches for the same number of AdamW steps, each side in a fresh
 process, and compares the peak resident set size (``ru_maxrss``): ``bare`` is a plain loop (forward, response-only
 cross-entropy, backward, step); ``piggy`` is a ``PiggyModule`` (no regularizers, ``lora: null``) under a Lightning
-``Trainer``. A ``piggy_treft`` run (``PrefixKVDrift``, whose reference is computed once before the first step) is
-printed too.
+``Trainer``; ``piggy_loop`` is the same module's own loss step in a bare loop, without the Trainer, which separates
+what the module costs from what Lightning's loop costs. A ``piggy_treft`` run (``PrefixKVDrift``, whose
+reference is computed once before the first step) is printed too.
 
 To run: ``python benchmarks/memory_sft.py`` (about 1 minute). It prints one JSON line with each side's peak RSS in MB
 and ``piggy_over_bare``.
@@ -68,6 +69,24 @@ def run_side(side: str, model_dir: str, data: str, steps: int) -> None:
             response_cross_entropy(out.logits, batch["labels"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    elif side == "piggy_loop":  # the module's own step, without the Trainer around it
+        import lightning as L
+
+        from piggy_lightning.module import PiggyModule
+
+        module_data.setup("fit")
+        module = PiggyModule(model_dir, lora=None, regularizers=[])
+        module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        module.configure_model()  # a trainer without reference users: no frozen copy, as under fit
+        module.train()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        for step, batch in enumerate(module_data.train_dataloader()):
+            if step == steps:
+                break
+            module._losses(batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     else:
         import lightning as L
 
@@ -100,13 +119,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = build(Path(tmp))
         peaks = {}
-        for side in ("bare", "piggy", "piggy_treft"):
+        for side in ("bare", "piggy_loop", "piggy", "piggy_treft"):
             cmd = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--data", data,
                    "--steps", str(args.steps)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
             peaks[side] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     result = {**{f"{k}_peak_rss_mb": v for k, v in peaks.items()}, "steps": args.steps}
     result["piggy_over_bare"] = round(peaks["piggy"] / peaks["bare"], 3)
+    result["piggy_loop_over_bare"] = round(peaks["piggy_loop"] / peaks["bare"], 3)
     result["piggy_treft_over_bare"] = round(peaks["piggy_treft"] / peaks["bare"], 3)
     print(json.dumps(result))
 
