@@ -27,23 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(root: Path) -> tuple[str, str]:
-    """Save the model, tokenizer and training chats under ``root``."""
+    """Save the model (~32M parameters), tokenizer and training chats under ``root``."""
     sys.path.insert(0, str(ROOT))
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks.train_throughput import build_model_dir, write_chats
 
-    from benchmarks.train_throughput import write_chats
-    from tests.fixtures.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer("llama31")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return str(root / "model"), write_chats(root / "train.jsonl", 48)
+    return build_model_dir(root / "model", hidden_size=512, layers=8), write_chats(root / "train.jsonl", 48)
 
 
 def run_side(side: str, model_dir: str, data: str, steps: int) -> None:

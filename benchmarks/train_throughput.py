@@ -49,12 +49,13 @@ VARIANTS = {
 }
 
 
-def build_model_dir(root: Path) -> str:
-    """Save the benchmark model and tokenizer to ``root``."""
+def build_model_dir(root: Path, hidden_size: int = 256, layers: int = 4) -> str:
+    """Save the benchmark model (a random Llama, ~4M parameters by default) and tokenizer to ``root``."""
     tokenizer = build_tokenizer("llama31")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+        tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root)
