@@ -235,6 +235,13 @@ class PiggyModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     # -- optimization ------------------------------------------------------------------------------------
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Step, then free the gradients at once: Lightning zeroes them only after the next forward, so they would
+        sit beside that forward's activations (one model's worth of memory at the peak; ``benchmarks/memory_sft.py``).
+        Under gradient accumulation this runs at the accumulation boundary only, after the grads were used."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
