@@ -43,6 +43,7 @@ def _wants_docs(args: Any) -> bool:
         return True
     return any(str(a).split("=")[0] in _DOC_FLAGS for a in args)
 
+
 # Config keys that say where a run lives or how it was started, not what it computes: a rerun may change them.
 NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "trainer.logger.init_args.save_dir")
 # Loggers whose directory is <save_dir>/<name>/version_N (Lightning numbers them; ModelCheckpoint saves inside).

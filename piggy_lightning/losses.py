@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from piggy_lightning.reference import Reference, run_forward
-from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
-from piggy_lightning.regularizers.positions import position_mask
+from piggy_lightning.forward import ForwardRecord, run_forward
+from piggy_lightning.reference import Reference
+from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.sites import batch_spans, position_mask
 
 
 def response_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -56,7 +57,7 @@ def record_cross_entropy(record: ForwardRecord, labels: Tensor, mask: Tensor | N
 
 def prompt_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """``batch`` truncated after the last prompt token of its longest prompt: ``(B, T')`` with ``T' <= T``."""
-    prompt = position_mask(batch, "prompt")  # (B, T)
+    prompt = position_mask(batch_spans(batch), "prompt")  # (B, T)
     columns = torch.arange(prompt.size(1), device=prompt.device)
     width = max(int((prompt * (columns + 1)).amax()), 1)  # last prompt position + 1, over all rows
     return {k: batch[k][:, :width] for k in ("input_ids", "attention_mask")}

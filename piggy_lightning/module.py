@@ -25,7 +25,7 @@ from piggy_lightning.data.sampling import check_position_restored
 from piggy_lightning.losses import record_cross_entropy, response_cross_entropy, training_forwards
 from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
 from piggy_lightning.reference import Reference
-from piggy_lightning.regularizers.base import Regularizer
+from piggy_lightning.regularizer import Regularizer
 from piggy_lightning.spans import ChatSpans
 
 __all__ = ["PiggyModule", "response_cross_entropy"]

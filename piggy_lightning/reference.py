@@ -18,60 +18,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need
-from piggy_lightning.sites import record_kv
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode inside the context and restore every submodule's previous mode after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
-
-
-def run_forward(
-    model: nn.Module, batch: dict[str, Tensor], needs: frozenset[Need], logits_mask: Tensor | None = None
-) -> ForwardRecord:
-    """One causal-LM forward that records what ``needs`` asks for.
-
-    Args:
-        model: The causal LM (peft-wrapped or not).
-        batch: Holds ``input_ids`` and ``attention_mask``, both ``(B, T)``.
-        needs: ``hidden_states`` and/or ``kv`` (key/value projection outputs of every layer) or ``kv_normed`` (the
-            same with keys after Qwen3's ``k_norm``).
-        logits_mask: ``(B, T)`` boolean positions whose logits to compute (transformers' ``logits_to_keep``), so
-            the LM head and the ``(B, T, V)`` tensor are never formed where nobody reads them; all False means no
-            head at all. None computes the logits everywhere.
-    """
-    if {"kv", "kv_normed"} <= needs:
-        raise ValueError("one forward records keys either before or after k_norm: regularizers disagree on `source`")
-    kv = record_kv(model, "kv_normed" in needs) if needs & {"kv", "kv_normed"} else nullcontext((None, None))
-    extra = {"logits_to_keep": logits_mask.bool()} if logits_mask is not None else {}
-    with kv as (keys, values):
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states="hidden_states" in needs,
-            use_cache=False,
-            **extra,
-        )
-    return ForwardRecord(
-        logits=out.logits,  # (B, T, V), or (N, V) at the N positions of logits_mask
-        hidden_states=out.hidden_states if "hidden_states" in needs else None,
-        keys=list(keys) if keys is not None else None,
-        values=list(values) if values is not None else None,
-        logits_mask=logits_mask.bool() if logits_mask is not None else None,
-    )
+from piggy_lightning.forward import ForwardRecord, Need, eval_mode, run_forward
 
 
 def _frozen(model: nn.Module) -> nn.Module:

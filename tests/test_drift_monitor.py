@@ -8,10 +8,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from piggy_lightning.callbacks.drift_monitor import KVDriftMonitor
 from piggy_lightning.data import ChatSFTDataModule
+from piggy_lightning.drift import kv_needs, reference_kv, relative_drift, select_kv
+from piggy_lightning.forward import run_forward
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
-from piggy_lightning.reference import run_forward
-from piggy_lightning.regularizers.drift_math import kv_needs, reference_kv, relative_drift, select_kv
 from piggy_lightning.sites import kv_projections
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from piggy_lightning.forward import run_forward
 from piggy_lightning.modeling import load_causal_lm
-from piggy_lightning.reference import Reference, run_forward
+from piggy_lightning.reference import Reference
 from piggy_lightning.regularizers import ForwardRecord, KVDrift
 from piggy_lightning.sites import record_kv
 from tests.fixtures.tiny import save_tiny

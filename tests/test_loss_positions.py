@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from piggy_lightning.data import ChatSFTDataModule
+from piggy_lightning.forward import ForwardRecord
 from piggy_lightning.losses import record_cross_entropy, response_logits_mask, training_forwards
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule, response_cross_entropy
 from piggy_lightning.regularizers import KLToReference
-from piggy_lightning.regularizers.base import ForwardRecord
 
 
 def _full_logits_ce(logits, labels):

@@ -23,10 +23,10 @@ from piggy_lightning.evaluation import (
     generate_responses,
 )
 from piggy_lightning.evaluation.judges import Judge, Judgement
-from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice, forward_values, recording
-from piggy_lightning.interventions.sites import site_modules
+from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
+from piggy_lightning.sites import recording
 from tests.test_eval_questions import FIXTURES
 
 QUERIES = ["I feel bored.", "What is your wish? Tell me now.", "hello"]
@@ -196,11 +196,11 @@ def test_query_control_patches_only_as_many_leading_query_tokens_as_the_prefix_h
     patch = ActivationPatch(site, tuned.reference)
     layer0 = PatchSite("key", "query", [0, 1])
     with tuned.reference.active() as ref:
-        reference = forward_values(ref, layer0, ids, mask)
-    own = forward_values(tuned.policy, layer0, ids, mask)
+        reference = layer0.read(ref, ids, mask)
+    own = layer0.read(tuned.policy, ids, mask)
     with (
         patch.during(tuned.policy, PromptBatch(ids, mask, spans, cached=0)),
-        recording(site_modules(tuned.policy, layer0)) as seen,
+        recording(layer0.modules(tuned.policy)) as seen,
     ):
         forward(tuned.policy, ids, mask)
     chosen = spans["query"] & (spans["query"].cumsum(1) <= spans["prefix"].sum(1, keepdim=True))
@@ -226,11 +226,11 @@ def test_empty_query_reference_patches_the_postfix_with_the_empty_prompts_states
     empty = tuned.spans.tokenize([{"role": "user", "content": ""}], add_generation_prompt=True)
     empty_ids = torch.tensor([empty.input_ids])
     with tuned.reference.active() as ref:
-        expected = forward_values(ref, patch.site, empty_ids, torch.ones_like(empty_ids))[(1, "self_attn.v_proj")]
+        expected = patch.site.read(ref, empty_ids, torch.ones_like(empty_ids))[(1, "self_attn.v_proj")]
     expected = expected[0, torch.tensor(empty.mask("postfix"))]  # (n_postfix, D)
     with (
         patch.during(tuned.policy, PromptBatch(ids, mask, spans, cached=0)),
-        recording(site_modules(tuned.policy, patch.site)) as seen,
+        recording(patch.site.modules(tuned.policy)) as seen,
     ):
         forward(tuned.policy, ids, mask)
     got = seen[(1, "self_attn.v_proj")][spans["postfix"]].view(len(ids), -1, expected.size(-1))

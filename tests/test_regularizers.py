@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from piggy_lightning.data import ChatSFTDataModule, collate
+from piggy_lightning.drift import kv_drift, reference_kv, relative_drift
+from piggy_lightning.forward import run_forward
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
-from piggy_lightning.reference import run_forward
 from piggy_lightning.regularizers import ForwardRecord, HiddenStateDrift, KLToReference, KVDrift, PrefixKVDrift
-from piggy_lightning.regularizers.drift_math import kv_drift, reference_kv, relative_drift
 from tests.conftest import chat_rows, write_jsonl
 
 T = torch.tensor

@@ -15,16 +15,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from piggy_lightning.reference import eval_mode, run_forward
-from piggy_lightning.regularizers.drift_math import (
+from piggy_lightning.drift import (
     KVSource,
     kv_needs,
     reference_kv,
     relative_drift,
-    resolve_layers,
     select_kv,
 )
-from piggy_lightning.sites import kv_projections
+from piggy_lightning.forward import eval_mode, run_forward
+from piggy_lightning.sites import kv_projections, resolve_layers
 
 
 def _first_row(t: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from piggy_lightning.callbacks.evaluation import Evaluate
 from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.runner import EvaluationReport
+from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.interventions.patching import ActivationPatch, PrefixKVSplice
-from piggy_lightning.interventions.sites import PatchSite, site_modules
 
 log = logging.getLogger(__name__)
 PatchMoment = Literal["fit_end", "test"]
@@ -184,7 +184,7 @@ class ActivationPatching(EvaluatesAt):
         """One intervention per site, bound to the module's reference (which exists once the model is built)."""
         out: list[GenerationIntervention] = []
         for site in self.sites:
-            site_modules(pl_module.policy, site)  # resolves the layers now: a bad index fails before evaluating
+            site.modules(pl_module.policy)  # resolves the layers now: a bad index fails before evaluating
             if site.component == "kv" and site.positions == "prefix":
                 out.append(PrefixKVSplice(pl_module.reference, site.layers))
             else:

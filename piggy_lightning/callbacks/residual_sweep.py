@@ -26,11 +26,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from piggy_lightning.callbacks.patching import EvaluatesAt, PatchMoment, baseline_report
 from piggy_lightning.evaluation.runner import EvaluationReport
+from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.interventions.patching import ActivationPatch
 from piggy_lightning.interventions.plot import line_chart, write_png
-from piggy_lightning.interventions.sites import PatchSite
-from piggy_lightning.regularizers.drift_math import resolve_layers
-from piggy_lightning.sites import decoder_layers
+from piggy_lightning.sites import decoder_layers, resolve_layers
 
 
 def _value(report: EvaluationReport | None, group: str, metric: str) -> float | None:

@@ -33,7 +33,7 @@ from piggy_lightning.evaluation.identity import prompt_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
 from piggy_lightning.evaluation.questions import Question
 from piggy_lightning.evaluation.results import ResponseLog, record_key
-from piggy_lightning.reference import eval_mode
+from piggy_lightning.forward import eval_mode
 from piggy_lightning.spans import ChatSpans, TokenizedChat
 
 _MASK_SPANS = ("prefix", "query", "postfix", "other")

@@ -5,6 +5,7 @@ The callbacks that decide when to use them live in ``piggy_lightning.callbacks``
 ``callbacks/`` folder.
 """
 
+from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.interventions.patching import ActivationPatch, PrefixKVSplice
 from piggy_lightning.interventions.perturbation import (
     NearestNeighbours,
@@ -13,7 +14,6 @@ from piggy_lightning.interventions.perturbation import (
     perturb_tokens,
 )
 from piggy_lightning.interventions.plot import line_chart, write_png
-from piggy_lightning.interventions.sites import PatchSite, forward_values, overwriting, recording, site_modules
 
 __all__ = [
     "ActivationPatch",
@@ -22,11 +22,7 @@ __all__ = [
     "PrefixKVSplice",
     "PromptPerturbation",
     "UniformTokens",
-    "forward_values",
     "line_chart",
-    "overwriting",
     "perturb_tokens",
-    "recording",
-    "site_modules",
     "write_png",
 ]

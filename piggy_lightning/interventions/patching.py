@@ -26,16 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
-from piggy_lightning.interventions.sites import (
-    PatchSite,
-    Slot,
-    forward_values,
-    overwriting,
-    position_mask,
-    site_modules,
-)
+from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.reference import Reference
-from piggy_lightning.regularizers.drift_math import resolve_layers
+from piggy_lightning.sites import Slot, overwriting, position_mask, resolve_layers
 from piggy_lightning.spans import ChatSpans, TokenizedChat
 
 
@@ -71,7 +64,7 @@ class ActivationPatch(GenerationIntervention):
             span_masks = {name: torch.tensor([chat.mask(name)], device=device) for name in ("prefix", "postfix")}
             keep = position_mask(span_masks, self.site.positions)[0]  # (T0,)
             with self.reference.active() as model:
-                values = forward_values(model, self.site, ids, torch.ones_like(ids))
+                values = self.site.read(model, ids, torch.ones_like(ids))
             self._empty = {slot: v[0, keep] for slot, v in values.items()}
         return self._empty
 
@@ -79,7 +72,7 @@ class ActivationPatch(GenerationIntervention):
         """The reference's site tensors ``(B, T, D)`` for these rows, valid where ``mask`` (B, T) is True."""
         if self.site.reference == "same":
             with self.reference.active() as model:
-                return forward_values(model, self.site, input_ids, attention_mask)
+                return self.site.read(model, input_ids, attention_mask)
         empty = self._empty_query_values(input_ids.device)
         counts = mask.sum(1)
         n = next(iter(empty.values())).size(0)
@@ -99,7 +92,7 @@ class ActivationPatch(GenerationIntervention):
             return super().prefix_cache(model, prefix_ids)
         ones = torch.ones_like(prefix_ids)  # (1, P)
         values = self.reference_values(prefix_ids, ones, ones.bool())
-        with overwriting(site_modules(model, self.site), values, ones.bool()):
+        with overwriting(self.site.modules(model), values, ones.bool()):
             return super().prefix_cache(model, prefix_ids)
 
     def touched(self, prompt: TokenizedChat) -> int:
@@ -117,7 +110,7 @@ class ActivationPatch(GenerationIntervention):
             yield
             return
         values = self.reference_values(batch.input_ids, batch.attention_mask, full_mask)
-        with overwriting(site_modules(model, self.site), _sliced(values, batch.cached), mask):
+        with overwriting(self.site.modules(model), _sliced(values, batch.cached), mask):
             yield
 
 
@@ -164,9 +157,9 @@ class PrefixKVSplice(GenerationIntervention):
             return
         every_layer = PatchSite("kv", "prefix")
         with self.reference.active() as reference_model:
-            values = forward_values(reference_model, self.site, batch.input_ids, batch.attention_mask)
+            values = self.site.read(reference_model, batch.input_ids, batch.attention_mask)
         if self.layers is not None:  # unspliced layers keep the finetuned model's own clean prefix keys and values
-            own = forward_values(model, every_layer, batch.input_ids, batch.attention_mask)
+            own = every_layer.read(model, batch.input_ids, batch.attention_mask)
             values = {**own, **values}
-        with overwriting(site_modules(model, every_layer), _sliced(values, batch.cached), mask):
+        with overwriting(every_layer.modules(model), _sliced(values, batch.cached), mask):
             yield

@@ -8,7 +8,8 @@
 | ``HiddenStateDrift`` | mean squared residual-stream distance (LDIFS-style) | Mukhoti et al. 2024; Kaczér et al. 2025 |
 """
 
-from piggy_lightning.regularizers.base import ForwardRecord, Regularizer
+from piggy_lightning.forward import ForwardRecord
+from piggy_lightning.regularizer import Regularizer
 from piggy_lightning.regularizers.hidden_drift import HiddenStateDrift
 from piggy_lightning.regularizers.kl import KLToReference
 from piggy_lightning.regularizers.kv_drift import KVDrift, PrefixKVDrift

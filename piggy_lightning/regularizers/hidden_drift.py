@@ -9,9 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer, Span
-from piggy_lightning.regularizers.drift_math import resolve_layers
-from piggy_lightning.regularizers.positions import Positions, pick_at, position_mask, require_positions, span_of
+from piggy_lightning.forward import ForwardRecord, Need, Span
+from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.sites import (
+    Positions,
+    batch_spans,
+    pick_at,
+    position_mask,
+    require_positions,
+    resolve_layers,
+    span_of,
+)
 
 
 def hidden_distance(states: Tensor, ref_states: Tensor) -> Tensor:
@@ -66,7 +74,7 @@ class HiddenStateDrift(Regularizer):
             raise RuntimeError(f"regularizer {self.name!r} needs policy and reference hidden states")
         n_states = len(policy.hidden_states)
         layers = resolve_layers(self.layers, n_states) if self.layers is not None else list(range(1, n_states))
-        mask = require_positions(position_mask(batch, self.positions), self.positions, self.name)  # (B, T)
+        mask = require_positions(position_mask(batch_spans(batch), self.positions), self.positions, self.name)  # (B, T)
         states = torch.stack([policy.hidden_states[i][mask] for i in layers])  # (L, N, H)
         pick = pick_at(mask)  # the reference may cover the prompt only
         ref_states = torch.stack([pick(reference.hidden_states[i]) for i in layers])  # (L, N, H)

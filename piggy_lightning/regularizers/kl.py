@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from piggy_lightning.data.chat import collate
 from piggy_lightning.data.io import read_chats
-from piggy_lightning.regularizers.base import ForwardRecord, Regularizer, Span
-from piggy_lightning.regularizers.positions import require_positions
+from piggy_lightning.forward import ForwardRecord, Span, run_forward
+from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.sites import require_positions
 from piggy_lightning.spans import TokenizedChat
 
 if TYPE_CHECKING:
@@ -175,7 +176,6 @@ class KLToReference(Regularizer):
             self._cursor += 1
         retain = {k: v.to(device) for k, v in self._batches[index].items()}
         mask = require_positions(kl_mask(retain, self.positions), self.positions, self.name)  # (B, T)
-        from piggy_lightning.reference import run_forward  # reference.py imports this package
 
         logits = run_forward(self._handles.policy, retain, frozenset(), mask).logits  # (N, V) at mask only
         ref_logits = self._cached.get(index)

@@ -25,19 +25,27 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need, Regularizer, Span
-from piggy_lightning.regularizers.drift_math import (
+from piggy_lightning.drift import (
     KVSource,
     batch_rows,
     kv_drift,
     kv_needs,
     reference_kv,
     reference_select,
-    resolve_layers,
     select_kv,
 )
-from piggy_lightning.regularizers.positions import Positions, pick_at, position_mask, require_positions, span_of
-from piggy_lightning.sites import kv_projections
+from piggy_lightning.forward import ForwardRecord, Need, Span
+from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.sites import (
+    Positions,
+    batch_spans,
+    kv_projections,
+    pick_at,
+    position_mask,
+    require_positions,
+    resolve_layers,
+    span_of,
+)
 
 if TYPE_CHECKING:
     from piggy_lightning.module import PiggyModule
@@ -188,7 +196,7 @@ class PrefixKVDrift(_KVDriftBase):
         """Pool cached-prefix rows with rows whose own prefix gets a reference forward."""
         n, same, other = self.prefix_ids.numel(), matches.nonzero().flatten(), (~matches).nonzero().flatten()
         sub = batch_rows(batch, other)
-        mask = require_positions(position_mask(sub, "prefix"), "prefix", self.name)  # (b, T)
+        mask = require_positions(position_mask(batch_spans(sub), "prefix"), "prefix", self.name)  # (b, T)
         keys, values = select_kv(policy, layers, self.source, lambda t: t[other][mask], self._projections)  # (L, N, D)
         ref_keys, ref_values = reference_kv(self._reference, sub, layers, self.source, lambda t: t[mask])
         if same.numel():
@@ -259,7 +267,7 @@ class KVDrift(_KVDriftBase):
 
     def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
         layers = self._layers_of(policy)
-        mask = require_positions(position_mask(batch, self.positions), self.positions, self.name)  # (B, T)
+        mask = require_positions(position_mask(batch_spans(batch), self.positions), self.positions, self.name)  # (B, T)
         if self.reference_mode == "shared":
             return self._shared(batch, policy, mask, layers)
         if reference is None:

@@ -20,8 +20,8 @@ from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeReques
 from piggy_lightning.evaluation.judges.digits import check_whole_number_tokens
 from piggy_lightning.evaluation.judges.prompts import SCALES, render, template_for
 from piggy_lightning.evaluation.judges.scoring import score_from_logprobs
+from piggy_lightning.forward import eval_mode
 from piggy_lightning.modeling import DType
-from piggy_lightning.reference import eval_mode
 
 
 class LocalJudge(Judge):

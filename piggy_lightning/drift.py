@@ -1,4 +1,6 @@
-"""The arithmetic and plumbing shared by the drift penalties and the drift monitor.
+"""Drift arithmetic: how far the policy's keys, values or states moved from the reference's.
+
+Shared by the drift penalties and the drift monitor, so it lives in the core (plugins never import each other).
 
 :func:`kv_drift` is TReFT's ``L_KV`` (paper §5.1, Eq. 2-3); :func:`select_kv` reads keys and values at chosen positions
 from a recorded forward, either the real projection outputs (``kv``) or projections of the pre-norm residual
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from piggy_lightning.regularizers.base import ForwardRecord, Need
+from piggy_lightning.forward import ForwardRecord, Need
 from piggy_lightning.sites import kv_projections
 
 if TYPE_CHECKING:
@@ -43,18 +45,6 @@ def per_layer_drift(current: Tensor, reference: Tensor) -> Tensor:
 def kv_drift(keys: Tensor, values: Tensor, ref_keys: Tensor, ref_values: Tensor) -> Tensor:
     """TReFT's ``L_KV = mean_l (L_K(l) + L_V(l))`` for ``(L, ..., D)`` inputs (references broadcastable)."""
     return (per_layer_drift(keys, ref_keys) + per_layer_drift(values, ref_values)).mean()
-
-
-def resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
-    """Layer indices in ``[0, n_layers)``; None means all, negative indices count from the end."""
-    if layers is None:
-        return list(range(n_layers))
-    if not layers or any(not -n_layers <= i < n_layers for i in layers):
-        raise ValueError(f"layers must be a non-empty subset of range({n_layers}), got {layers}")
-    resolved = [i % n_layers for i in layers]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"layers repeat an index: {layers}")
-    return resolved
 
 
 def select_kv(

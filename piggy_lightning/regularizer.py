@@ -11,45 +11,14 @@ through :meth:`Regularizer.weighted`, which subclasses may override (hinges, act
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from piggy_lightning.forward import ForwardRecord, Need, Span
+
 if TYPE_CHECKING:
     from piggy_lightning.module import PiggyModule
-
-Need = Literal["hidden_states", "kv", "kv_normed"]
-Span = Literal["prompt", "response", "all"]  # which part of each row a forward must cover
-
-
-@dataclass
-class ForwardRecord:
-    """What one forward pass of the policy (or the reference) recorded.
-
-    Attributes:
-        logits: ``(B, T, V)`` next-token logits, or ``(N, V)`` at the N positions of ``logits_mask`` (none at
-            all in a head-free reference forward).
-        hidden_states: ``L + 1`` tensors ``(B, T, H)``: the embeddings and each block's output (HF convention),
-            or None when no regularizer asked for them.
-        keys: Per layer ``(B, T, D_kv)`` key projection outputs (pre-RoPE; after the per-head ``k_norm`` when
-            ``kv_normed`` was recorded), or None when not requested.
-        values: Per layer ``(B, T, D_kv)`` value projection outputs, or None when not requested.
-    """
-
-    logits: Tensor
-    hidden_states: tuple[Tensor, ...] | None = None
-    keys: list[Tensor] | None = None
-    values: list[Tensor] | None = None
-    logits_mask: Tensor | None = None  # (B, T) positions the logits rows belong to; None: all positions
-
-    def logits_at(self, mask: Tensor) -> Tensor:
-        """``(N, V)`` logits at the positions of the ``(B, T)`` boolean ``mask`` (a subset of ``logits_mask``)."""
-        if self.logits_mask is None:
-            return self.logits[mask]
-        if bool((mask & ~self.logits_mask).any()):
-            raise RuntimeError("the forward computed no logits at some requested positions (see `logits_span`)")
-        return self.logits[mask[self.logits_mask]]
 
 
 class Regularizer(nn.Module, ABC):
