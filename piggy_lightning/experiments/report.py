@@ -1,0 +1,153 @@
+"""Collect a grid run's cell results into tables: mean and spread over replicates, paired comparisons.
+
+Every number comes from a cell's ``run/eval/<tag>/summary.json`` (written by ``Evaluate``); the report never
+recomputes a metric. A metric is named ``<tag>/<group>.<metric>`` (e.g. ``fit_end/general.alignment``) or
+``<tag>/em_f1``. Rows are the combinations of an experiment's non-replicate axes; the replicate axis (``seed``) is
+averaged, with the sample standard deviation and every replicate's value shown. Paired comparisons use
+``scipy.stats.ttest_rel`` over the replicates both variants share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from piggy_lightning.experiments.spec import Comparison, GridError
+
+
+def cell_metrics(run_dir: Path) -> dict[str, float]:
+    """``{"<tag>/<group>.<metric>": value, "<tag>/em_f1": value}`` from every summary under ``run_dir/eval``."""
+    out: dict[str, float] = {}
+    for path in sorted((run_dir / "eval").glob("**/summary.json")):
+        tag = path.parent.relative_to(run_dir / "eval").as_posix()
+        summary = json.loads(path.read_text())
+        for group, metrics in (summary.get("groups") or {}).items():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    out[f"{tag}/{group}.{name}"] = float(value)
+        if isinstance(summary.get("em_f1"), (int, float)):
+            out[f"{tag}/em_f1"] = float(summary["em_f1"])
+    return out
+
+
+def load_run(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """The manifest, each cell key's status, and each done cell key's metrics of a grid run directory."""
+    manifest_path = out / "grid.json"
+    if not manifest_path.is_file():
+        raise GridError(f"{out}: no grid.json; run `main.py grid run GRID_FILE --out {out}` first")
+    manifest = json.loads(manifest_path.read_text())
+    statuses, metrics = {}, {}
+    for key in {c["key"] for c in manifest["cells"]}:
+        status_path = out / "cells" / key / "status.json"
+        statuses[key] = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "pending"}
+        if statuses[key]["status"] == "done":
+            metrics[key] = cell_metrics(out / "cells" / key / "run")
+    return manifest, statuses, metrics
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def experiment_rows(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], name: str) -> list[dict[str, Any]]:
+    """One row per combination of the experiment's non-replicate axes: its values per metric and replicate."""
+    spec = manifest["experiments"][name]
+    replicate = spec["replicate"]
+    rows: dict[tuple, dict[str, Any]] = {}
+    for cell in (c for c in manifest["cells"] if c["experiment"] == name):
+        row_key = tuple((a, v) for a, v in cell["coords"].items() if a != replicate)
+        row = rows.setdefault(row_key, {"coords": dict(row_key), "values": defaultdict(dict), "missing": 0})
+        found = metrics.get(cell["key"])
+        if found is None:
+            row["missing"] += 1
+            continue
+        rep = cell["coords"].get(replicate, "-") if replicate else "-"
+        for metric, value in found.items():
+            row["values"][metric][rep] = value
+    return list(rows.values())
+
+
+def paired(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], comparison: Comparison) -> dict[str, Any]:
+    """Paired difference ``a - b`` over the replicates both variants finished, with the paired t-test."""
+    rows = experiment_rows(manifest, metrics, comparison.experiment)
+
+    def side(variant: str) -> dict[str, dict[str, float]]:
+        picked = [r for r in rows if r["coords"].get(comparison.axis) == variant]
+        return {json.dumps({k: v for k, v in r["coords"].items() if k != comparison.axis}): r["values"] for r in picked}
+
+    a_side, b_side = side(comparison.a), side(comparison.b)
+    diffs = []
+    for context, values in a_side.items():
+        a_vals, b_vals = values.get(comparison.metric, {}), b_side.get(context, {}).get(comparison.metric, {})
+        diffs += [a_vals[r] - b_vals[r] for r in sorted(a_vals.keys() & b_vals.keys())]
+    result: dict[str, Any] = {"n": len(diffs), "mean_diff": statistics.mean(diffs) if diffs else math.nan}
+    if len(diffs) >= 2 and statistics.pstdev(diffs) > 0:
+        test = stats.ttest_1samp(diffs, 0.0)
+        result.update(t=float(test.statistic), p=float(test.pvalue))
+    else:
+        result.update(t=math.nan, p=math.nan)
+    return result
+
+
+def write_report(out: Path, comparisons: tuple[Comparison, ...] = ()) -> Path:
+    """Write ``<out>/report.md`` from a grid run directory and return its path."""
+    manifest, statuses, metrics = load_run(out)
+    counts = defaultdict(int)
+    for status in statuses.values():
+        counts[status["status"]] += 1
+    seconds = sum(s.get("seconds", 0) for s in statuses.values())
+    lines = [
+        f"# Grid `{manifest['name']}`",
+        "",
+        f"From `{manifest['grid_file']}`: {len(statuses)} cells ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + f"), {seconds / 60:.1f} min of cell time.",
+        "",
+    ]
+    for name, spec in manifest["experiments"].items():
+        lines += [f"## {name}" + (f": {spec['title']}" if spec["title"] else ""), ""]
+        rows = experiment_rows(manifest, metrics, name)
+        axes = [a for a in spec["axes"] if a != spec["replicate"]]
+        wanted = spec.get("metrics") or sorted({m for r in rows for m in r["values"]})
+        header = axes + [m for m in wanted] + (["missing"] if any(r["missing"] for r in rows) else [])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells = [row["coords"][a] for a in axes]
+            cells += [_fmt(list(row["values"].get(m, {}).values())) for m in wanted]
+            if "missing" in header:
+                cells.append(str(row["missing"]))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if comparisons:
+        lines += [
+            "## Paired comparisons",
+            "",
+            "| experiment | metric | a − b | n | t | p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            r = paired(manifest, metrics, c)
+            lines.append(
+                f"| {c.experiment} | {c.metric} | {c.a} − {c.b} = {r['mean_diff']:+.1f} | {r['n']} | "
+                f"{r['t']:.2f} | {r['p']:.3f} |"
+            )
+        lines.append("")
+    failed = [(k, s) for k, s in statuses.items() if s["status"] == "failed"]
+    if failed:
+        lines += ["## Failed cells", ""]
+        lines += [
+            f"- `{k}` {', '.join(s.get('labels', []))}: `{(s.get('error') or '').splitlines()[-1:]}`" for k, s in failed
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,94 @@
+"""Resolve a cell into one complete config file, the way ``main.py fit`` would read it, and key it.
+
+Resolution uses the project's own parser (:class:`~piggy_lightning.cli.PiggyCLI` with instantiation switched
+off), so a cell's file is exactly what ``main.py fit --config <base> --config <overlays...>`` would run, defaults
+included, and every override is type-checked before any cell starts. The key is a hash of that file without the
+keys that say where a run lives (:data:`~piggy_lightning.cli.NOT_THE_RUN`): a rerun of the grid skips a cell whose
+key already finished, and a changed default, overlay or override gives a new key and a new cell directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from piggy_lightning.cli import NOT_THE_RUN, PiggyCLI
+from piggy_lightning.experiments.spec import Cell, GridError, set_dotted
+
+
+def _register_short_names() -> None:
+    """Import the plugin packages, as ``main.py`` does, so their classes resolve by short name too."""
+    import piggy_lightning.callbacks  # noqa: F401
+    import piggy_lightning.data  # noqa: F401
+    import piggy_lightning.evaluation  # noqa: F401
+    import piggy_lightning.organism  # noqa: F401
+    import piggy_lightning.regularizers  # noqa: F401
+
+
+class _ParseOnly(PiggyCLI):
+    """PiggyCLI that parses and checks a config but builds nothing, seeds nothing and looks for no run directory."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(configs: list[str | Path]) -> dict[str, Any]:
+    """The complete ``fit`` config that ``configs`` merge into, as plain YAML data (link targets omitted)."""
+    _register_short_names()
+    args = [a for c in configs for a in ("--config", str(c))]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when `args` and a command line are both given
+    try:
+        cli = _ParseOnly(run=False, args=args)
+    finally:
+        sys.argv = argv
+    return yaml.safe_load(cli.parser.dump(cli.config))
+
+
+def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
+    """The cell's complete config: its configs merged, then its overrides applied and checked by the parser.
+
+    Args:
+        cell: The cell.
+        root: Directory the config paths are relative to.
+    """
+    try:
+        tree = parse_config([root / c for c in cell.configs])
+    except SystemExit as err:  # jsonargparse exits on a bad config; say which cell
+        raise GridError(f"{cell.label}: its configs {list(cell.configs)} do not parse (see the message above)") from err
+    if not cell.overrides:
+        return tree
+    for key, value in cell.overrides:
+        set_dotted(tree, key, value, cell.label)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(tree, handle, sort_keys=False)
+    try:
+        return parse_config([handle.name])
+    except SystemExit as err:
+        raise GridError(f"{cell.label}: overrides {dict(cell.overrides)} give an invalid config (see above)") from err
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def config_key(tree: dict[str, Any]) -> str:
+    """Hex digest of a resolved config without the keys that only say where a run lives."""
+    trimmed = json.loads(json.dumps(tree, default=str))
+    for dotted in NOT_THE_RUN:
+        node: Any = trimmed
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()

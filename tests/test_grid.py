@@ -1,0 +1,271 @@
+"""The experiment grid: file checks, expansion, resolution and keys, and a small organism grid end to end."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from piggy_lightning.experiments.report import cell_metrics, paired, write_report
+from piggy_lightning.experiments.resolve import config_key, resolve_cell
+from piggy_lightning.experiments.runner import plan
+from piggy_lightning.experiments.spec import GridError, load_grid, set_dotted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small organism run: 2 optimizer steps, 8 general questions, short answers.
+BASE = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+        "callbacks": [
+            {
+                "class_path": "piggy_lightning.callbacks.Evaluate",
+                "init_args": {
+                    "question_sets": [
+                        {
+                            "class_path": "piggy_lightning.evaluation.HeldOutChats",
+                            "init_args": {"path": "piggy/organism/eval_general.jsonl", "group": "general", "limit": 8},
+                        }
+                    ],
+                    "judges": [{"class_path": "piggy_lightning.organism.ExactJudge"}],
+                    "decoding": {"temperature": 0.0, "max_new_tokens": 16, "batch_size": 8, "progress": False},
+                    "at": ["fit_end"],
+                },
+            }
+        ],
+    },
+    "model": {"model_name_or_path": "piggy/organism"},
+    "data": {"class_path": "piggy_lightning.data.LegalDataModule", "init_args": {"batch_size": 8, "val_fraction": 0.1}},
+}
+
+
+def _write(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def base(tmp_path: Path) -> Path:
+    return _write(tmp_path / "base.yaml", BASE)
+
+
+def _grid(tmp_path: Path, body: dict) -> Path:
+    return _write(tmp_path / "grid.yaml", body)
+
+
+def test_bad_grid_files_name_the_file_and_the_field(tmp_path, base):
+    cases = [
+        ({"experiments": {"e": {"base": [str(base)], "colour": 1}}}, r"experiments\.e: unknown fields \['colour'\]"),
+        ({"experiments": {"e": {"base": ["nope.yaml"]}}}, r"experiments\.e\.base: config file 'nope\.yaml'"),
+        (
+            {"experiments": {"e": {"base": [str(base)], "axes": {"m": {"variants": {"a": {}}, "values": [1]}}}}},
+            r"experiments\.e\.axes\.m: an axis has either",
+        ),
+        (
+            {"experiments": {"e": {"base": [str(base)], "axes": {"s": {"keys": "seed_everything", "values": []}}}}},
+            r"\.values",
+        ),
+        ({"workers": 0, "experiments": {"e": {"base": [str(base)]}}}, "`workers` must be a positive integer"),
+        (
+            {
+                "experiments": {
+                    "e": {"base": [str(base)], "axes": {"seed": {"keys": "seed_everything", "values": [0]}}}
+                },
+                "comparisons": [{"experiment": "e", "axis": "seed", "a": 0, "b": 5, "metric": "fit_end/em_f1"}],
+            },
+            r"comparisons\.0: '0' and '5' must be values of axis 'seed'",
+        ),
+    ]
+    for body, message in cases:
+        path = _grid(tmp_path, body)
+        with pytest.raises(GridError, match=message) as err:
+            load_grid(path, ROOT)
+        assert str(path) in str(err.value)
+
+
+def test_axes_cross_in_order_with_labels_configs_and_overrides(tmp_path, base):
+    overlay = _write(tmp_path / "sft.yaml", {"model": {"regularizers": []}})
+    grid = load_grid(
+        _grid(
+            tmp_path,
+            {
+                "experiments": {
+                    "t": {
+                        "base": [str(base)],
+                        "set": {"trainer.max_steps": 3},
+                        "axes": {
+                            "method": {"variants": {"sft": {"configs": [str(overlay)]}, "treft": {}}},
+                            "seed": {"keys": ["seed_everything", "data.init_args.seed"], "values": [0, 1]},
+                        },
+                    }
+                }
+            },
+        ),
+        ROOT,
+    )
+    cells = grid.cells()
+    assert [c.label for c in cells] == [
+        "t/method=sft,seed=0",
+        "t/method=sft,seed=1",
+        "t/method=treft,seed=0",
+        "t/method=treft,seed=1",
+    ]
+    assert cells[0].configs == (str(base), str(overlay))
+    assert cells[3].configs == (str(base),)
+    assert cells[1].overrides == (("trainer.max_steps", 3), ("seed_everything", 1), ("data.init_args.seed", 1))
+
+
+def test_set_dotted_indexes_lists_and_refuses_missing_paths():
+    tree = {"model": {"regularizers": [{"class_path": "X", "init_args": {"weight": 1.0}}]}, "trainer": {"max_steps": 1}}
+    set_dotted(tree, "model.regularizers.0.init_args.weight", 5.0, "here")
+    assert tree["model"]["regularizers"][0]["init_args"]["weight"] == 5.0
+    set_dotted(tree, "trainer.new_key", 2, "here")
+    assert tree["trainer"]["new_key"] == 2
+    with pytest.raises(GridError, match=r"here: 'model\.regularizers\.3': index '3' is not in a list of 1"):
+        set_dotted(tree, "model.regularizers.3.init_args.weight", 1.0, "here")
+    with pytest.raises(GridError, match="is a value"):
+        set_dotted(tree, "trainer.max_steps.x", 1, "here")
+
+
+def test_cells_are_keyed_by_their_resolved_config(tmp_path, base):
+    grid = load_grid(
+        _grid(
+            tmp_path,
+            {
+                "experiments": {
+                    "a": {"base": [str(base)], "axes": {"steps": {"keys": "trainer.max_steps", "values": [2, 3]}}},
+                    "b": {"base": [str(base)], "set": {"trainer.max_steps": 2}},  # the same run as a/steps=2
+                }
+            },
+        ),
+        ROOT,
+    )
+    cells = plan(grid, tmp_path / "out", ROOT)
+    assert len(cells) == 2  # three labels, two distinct runs
+    by_label = {label: c for c in cells for label in c.labels}
+    assert by_label["a/steps=2"] is by_label["b"]
+    assert by_label["a/steps=2"].key != by_label["a/steps=3"].key
+    resolved = yaml.safe_load((by_label["b"].directory / "cell.yaml").read_text())
+    assert resolved["trainer"]["max_steps"] == 2
+    assert resolved["trainer"]["logger"]["init_args"]["save_dir"] == str((tmp_path / "out" / "cells").resolve())
+    # the key ignores where a run lives, and sees a changed default
+    tree = resolve_cell(grid.cells()[0], ROOT)
+    moved = json.loads(json.dumps(tree))
+    moved["trainer"]["logger"]["init_args"]["save_dir"] = "/elsewhere"
+    assert config_key(moved) == config_key(tree)
+    moved["model"]["dtype"] = "bfloat16"
+    assert config_key(moved) != config_key(tree)
+
+
+def test_an_override_of_the_wrong_type_fails_before_any_cell_runs(tmp_path, base):
+    grid = load_grid(
+        _grid(tmp_path, {"experiments": {"e": {"base": [str(base)], "set": {"trainer.max_steps": "many"}}}}), ROOT
+    )
+    with pytest.raises(GridError, match=r"e: overrides \{'trainer.max_steps': 'many'\} give an invalid config"):
+        plan(grid, tmp_path / "out", ROOT)
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "grid", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
+def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base):
+    grid_file = _grid(
+        tmp_path,
+        {
+            "name": "tiny",
+            "workers": 2,
+            "experiments": {
+                "methods": {
+                    "base": [str(base)],
+                    "axes": {"seed": {"keys": "seed_everything", "values": [0, 1]}},
+                    "metrics": ["fit_end/general.alignment", "fit_end/em_f1"],
+                },
+                # parses, then fails at run time: the question file does not exist
+                "broken": {
+                    "base": [str(base)],
+                    "set": {
+                        "trainer.callbacks.0.init_args.question_sets.0.init_args.path": str(tmp_path / "none.jsonl")
+                    },
+                },
+            },
+            "comparisons": [],
+        },
+    )
+    out = tmp_path / "out"
+    first = _main("run", str(grid_file), "--out", str(out), "--only", "seed=0")  # half the grid, then killed
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 to run" in first.stdout
+    manifest = json.loads((out / "grid.json").read_text())
+    keys = {c["label"]: c["key"] for c in manifest["cells"]}
+    done0 = out / "cells" / keys["methods/seed=0"] / "status.json"
+    assert json.loads(done0.read_text())["status"] == "done"
+    stamp = done0.stat().st_mtime_ns
+
+    second = _main("run", str(grid_file), "--out", str(out))
+    assert second.returncode == 1, second.stdout + second.stderr  # one cell failed
+    assert "3 cells, 1 done, 2 to run" in second.stdout
+    assert done0.stat().st_mtime_ns == stamp  # the finished cell was not run again
+    statuses = {label: json.loads((out / "cells" / key / "status.json").read_text()) for label, key in keys.items()}
+    assert statuses["methods/seed=1"]["status"] == "done"
+    assert statuses["broken"]["status"] == "failed" and "none.jsonl" in statuses["broken"]["error"]
+    for key in keys.values():  # each cell is an ordinary run with its own files and a reproducing command
+        cell = out / "cells" / key
+        assert (cell / "command.sh").read_text().count("main.py fit --config") == 1
+    for label in ("methods/seed=0", "methods/seed=1"):
+        run = out / "cells" / keys[label] / "run"
+        assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+        assert (run / "eval" / "fit_end" / "summary.json").is_file()
+
+    # the report's numbers are the cells' summary.json numbers, averaged over the seeds
+    values = [
+        json.loads((out / "cells" / keys[f"methods/seed={s}"] / "run/eval/fit_end/summary.json").read_text())
+        for s in (0, 1)
+    ]
+    general = [v["groups"]["general"]["alignment"] for v in values]
+    report = (out / "report.md").read_text()
+    expected = f"{statistics.mean(general):.1f} ± {statistics.stdev(general):.1f}"
+    assert f"| {expected} |" in report, report
+    assert "## Failed cells" in report and keys["broken"] in report
+    assert cell_metrics(out / "cells" / keys["methods/seed=0"] / "run")["fit_end/general.alignment"] == general[0]
+    rebuilt = _main("report", str(out))
+    assert rebuilt.returncode == 0 and write_report(out).read_text() == report
+
+
+def test_paired_comparison_matches_a_hand_computed_t_test():
+    manifest = {
+        "experiments": {"e": {"axes": ["method", "seed"], "replicate": "seed"}},
+        "cells": [
+            {"experiment": "e", "coords": {"method": m, "seed": str(s)}, "key": f"{m}{s}"}
+            for m in ("a", "b")
+            for s in range(3)
+        ],
+    }
+    scores = {"a0": 80.0, "a1": 75.0, "a2": 90.0, "b0": 70.0, "b1": 74.0, "b2": 81.0}  # diffs 10, 1, 9
+    metrics = {k: {"fit_end/general.alignment": v} for k, v in scores.items()}
+    from piggy_lightning.experiments.spec import Comparison
+
+    r = paired(manifest, metrics, Comparison("e", "method", "a", "b", "fit_end/general.alignment"))
+    diffs = [10.0, 1.0, 9.0]
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / 3**0.5)  # 20/3 / (4.933/1.732) = 2.341
+    assert r["n"] == 3 and r["mean_diff"] == pytest.approx(20 / 3)
+    assert r["t"] == pytest.approx(t) and r["t"] == pytest.approx(2.3408, abs=1e-3)
+    assert r["p"] == pytest.approx(0.1440, abs=1e-3)  # two-sided, 2 degrees of freedom (t-table)
