@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from piggy_lightning.analysis import layer_cosines, load_task_vector
 from piggy_lightning.experiments.report import cell_metrics, paired, write_report
 from piggy_lightning.experiments.resolve import config_key, resolve_cell
 from piggy_lightning.experiments.runner import plan
@@ -246,6 +247,11 @@ def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base):
     assert f"| {expected} |" in report, report
     assert "## Failed cells" in report and keys["broken"] in report
     assert cell_metrics(out / "cells" / keys["methods/seed=0"] / "run")["fit_end/general.alignment"] == general[0]
+    # Fig. 8 on real runs: a run's task vector with itself is 1 in every layer, with another seed's below 1
+    runs = [out / "cells" / keys[f"methods/seed={s}"] / "run" for s in (0, 1)]
+    vectors = [load_task_vector(r) for r in runs]
+    assert all(v == pytest.approx(1.0) for v in layer_cosines(vectors[0], vectors[0]).values())
+    assert all(v < 0.999 for v in layer_cosines(vectors[0], vectors[1]).values())
     rebuilt = _main("report", str(out))
     assert rebuilt.returncode == 0 and write_report(out).read_text() == report
 
