@@ -4,7 +4,8 @@ Every number comes from a cell's ``run/eval/<tag>/summary.json`` (written by ``E
 recomputes a metric. A metric is named ``<tag>/<group>.<metric>`` (e.g. ``fit_end/general.alignment``) or
 ``<tag>/em_f1``. Rows are the combinations of an experiment's non-replicate axes; the replicate axis (``seed``) is
 averaged, with the sample standard deviation and every replicate's value shown. Paired comparisons use
-``scipy.stats.ttest_rel`` over the replicates both variants share.
+a one-sample t-test of the paired differences (``scipy.stats.ttest_1samp``, i.e. the paired t-test) over the
+replicates both variants share. Each experiment gets a figure per metric (``figures.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from scipy import stats
 
+from piggy_lightning.experiments.figures import draw
 from piggy_lightning.experiments.spec import Comparison, GridError
 
 
@@ -49,6 +51,11 @@ def load_run(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict
         if statuses[key]["status"] == "done":
             metrics[key] = cell_metrics(out / "cells" / key / "run")
     return manifest, statuses, metrics
+
+
+def row_label(coords: dict[str, str]) -> str:
+    """``axis=value,...`` of a row: how ``paper:`` entries of a grid file name rows."""
+    return ",".join(f"{a}={v}" for a, v in coords.items())
 
 
 def _fmt(values: list[float]) -> str:
@@ -119,27 +126,44 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = ()) -> Path:
         rows = experiment_rows(manifest, metrics, name)
         axes = [a for a in spec["axes"] if a != spec["replicate"]]
         wanted = spec.get("metrics") or sorted({m for r in rows for m in r["values"]})
-        header = axes + [m for m in wanted] + (["missing"] if any(r["missing"] for r in rows) else [])
+        paper = spec.get("paper") or {}
+        shown = [m for w in wanted for m in ([w, f"paper {w}"] if any(w in p for p in paper.values()) else [w])]
+        header = axes + shown + (["missing"] if any(r["missing"] for r in rows) else [])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
+            published = paper.get(row_label(row["coords"]), {})
             cells = [row["coords"][a] for a in axes]
-            cells += [_fmt(list(row["values"].get(m, {}).values())) for m in wanted]
+            for m in shown:
+                if m.startswith("paper "):
+                    value = published.get(m.removeprefix("paper "))
+                    cells.append("–" if value is None else f"{value:g}")
+                else:
+                    cells.append(_fmt(list(row["values"].get(m, {}).values())))
             if "missing" in header:
                 cells.append(str(row["missing"]))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for metric in wanted:
+            safe = metric.replace("/", "_").replace(".", "_")
+            figure = draw(rows, axes, metric, f"{name}: {metric}", out / "figures" / f"{name}__{safe}.png")
+            if figure is not None:
+                lines += [f"![{name} {metric}](figures/{figure.name})", ""]
     if comparisons:
         lines += [
             "## Paired comparisons",
             "",
-            "| experiment | metric | a − b | n | t | p |",
-            "|---|---|---|---|---|---|",
+            "| experiment | metric | a − b | n | t | p | paper a − b | same sign |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in comparisons:
             r = paired(manifest, metrics, c)
+            agree = "–"
+            if c.paper is not None and not math.isnan(r["mean_diff"]):
+                agree = "yes" if c.paper * r["mean_diff"] > 0 else "**no**"
+            published = "–" if c.paper is None else f"{c.paper:+g}"
             lines.append(
                 f"| {c.experiment} | {c.metric} | {c.a} − {c.b} = {r['mean_diff']:+.1f} | {r['n']} | "
-                f"{r['t']:.2f} | {r['p']:.3f} |"
+                f"{r['t']:.2f} | {r['p']:.3f} | {published} | {agree} |"
             )
         lines.append("")
     failed = [(k, s) for k, s in statuses.items() if s["status"] == "failed"]

@@ -106,6 +106,7 @@ class Comparison:
     a: str
     b: str
     metric: str
+    paper: float | None = None  # the paper's a - b, if it reports one: the report says whether the signs agree
 
 
 @dataclass
@@ -242,17 +243,22 @@ def _metrics(where: str, raw: Any) -> tuple[str, ...]:
 
 def _comparison(where: str, raw: Any, experiments: dict[str, Experiment]) -> Comparison:
     fields = {"experiment", "axis", "a", "b", "metric"}
-    if not isinstance(raw, dict) or set(raw) != fields:
-        raise GridError(f"{where}: needs exactly the fields {sorted(fields)}, got {raw!r}")
+    if not isinstance(raw, dict) or not fields <= set(raw) or set(raw) - fields - {"paper"}:
+        raise GridError(f"{where}: needs the fields {sorted(fields)} (and optionally `paper`), got {raw!r}")
+    if raw.get("paper") is not None and not isinstance(raw["paper"], (int, float)):
+        raise GridError(f"{where}.paper: the paper's difference a - b as a number, got {raw['paper']!r}")
     experiment = experiments.get(raw["experiment"])
     if experiment is None:
         raise GridError(f"{where}.experiment: no experiment {raw['experiment']!r}")
     axes = {a.name: {v.name for v in a.variants} for a in experiment.axes}
     if raw["axis"] not in axes or {str(raw["a"]), str(raw["b"])} - axes[raw["axis"]]:
-        raise GridError(f"{where}: {str(raw['a'])!r} and {str(raw['b'])!r} must be values of axis {raw['axis']!r}: {axes}")
+        raise GridError(
+            f"{where}: {str(raw['a'])!r} and {str(raw['b'])!r} must be values of axis {raw['axis']!r}: {axes}"
+        )
     if experiment.replicate is None:
         raise GridError(f"{where}: experiment {experiment.name!r} has no replicate axis to pair over")
-    return Comparison(experiment.name, raw["axis"], str(raw["a"]), str(raw["b"]), str(raw["metric"]))
+    paper = float(raw["paper"]) if raw.get("paper") is not None else None
+    return Comparison(experiment.name, raw["axis"], str(raw["a"]), str(raw["b"]), str(raw["metric"]), paper)
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
