@@ -4,9 +4,10 @@ The server decides its reply from a marker in the judged answer (``kind=<name>``
 from the requested model (``gpt-5-nano`` rejects ``temperature`` and ``max_tokens`` like OpenAI's reasoning models;
 ``no-such-model`` is unknown). ``only_max_tokens`` makes it read only ``max_tokens`` (llama.cpp's server),
 ``reported_model`` fixes the model it reports, ``stall_after`` holds requests beyond that count until ``release`` is
-set. It records every request with its arrival time; other test modules reuse it.
+set. It records every request with its arrival time and the SDK's retry number; other test modules reuse it.
 """
 
+import email.utils
 import json
 import math
 import threading
@@ -53,7 +54,9 @@ class _Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     auth = self.headers.get("Authorization")
-                    server.requests.append({"path": self.path, "auth": auth, "body": body, "time": time.monotonic()})
+                    retry = self.headers.get("x-stainless-retry-count")  # the SDK numbers its retries
+                    record = {"path": self.path, "auth": auth, "body": body, "time": time.monotonic(), "retry": retry}
+                    server.requests.append(record)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     stall = server.stall_after is not None and len(server.requests) > server.stall_after
@@ -96,9 +99,14 @@ class _Server:
             return self._send(handler, 500, _error(f"upstream saw Authorization: {auth} and key {SECRET}"))
         if kind == "flagged":
             return self._send(handler, 400, _error("Invalid prompt: flagged as potentially violating policy"))
-        if kind in ("ratelimited", "unavailable", "slowdown") and attempt == 1:
-            status, wait = {"ratelimited": (429, "1"), "unavailable": (503, "1"), "slowdown": (429, "30")}[kind]
+        waits = {"ratelimited": (429, "1"), "unavailable": (503, "1"), "slowdown": (429, "30")}
+        waits["glacial"] = (429, "3600")  # beyond any SDK's own limit
+        waits["dated"] = (429, email.utils.formatdate(time.time() + 3600, usegmt=True))  # an HTTP date, 1 h ahead
+        if kind in waits and attempt == 1:
+            status, wait = waits[kind]
             return self._send(handler, status, _error("Rate limit reached"), {"Retry-After": wait})
+        if kind == "down":  # fails every time
+            return self._send(handler, 503, _error("The server is overloaded"))
         if kind == "flaky" and attempt <= 2:
             return self._send(handler, 500, b'{"error": "overloaded"}')
         if kind == "slow":
@@ -107,8 +115,8 @@ class _Server:
             return self._send(handler, 200, b"<html>not json")
         if kind == "nochoices":
             return self._send(handler, 200, b'{"choices": []}')
-        if kind == "wait":
-            time.sleep(0.05)
+        if kind in ("wait", "hold"):
+            time.sleep(0.05 if kind == "wait" else 0.15)
         if body.get("logprobs"):
             tops = {
                 "code": [("CODE", 0.9), ("5", 0.05)],
@@ -149,7 +157,7 @@ class _Server:
 
 
 def _judge(server, **kwargs):
-    settings = dict(model="judge", base_url=server.url, api_key_env=KEY_ENV, retries=2, backoff=0.01, timeout=5.0)
+    settings = dict(model="judge", base_url=server.url, api_key_env=KEY_ENV, max_retries=2, timeout=5.0)
     return OpenAIJudge(**{**settings, **kwargs})
 
 
@@ -193,7 +201,7 @@ def test_server_errors_are_retried_until_success(server):
 
 @pytest.mark.parametrize("kind", ["slow", "garbage", "nochoices"])
 def test_timeouts_and_malformed_bodies_fail_without_a_score(server, kind):
-    judge = _judge(server, timeout=0.2, retries=1)
+    judge = _judge(server, timeout=0.2, max_retries=1)
     verdict, fine = judge.judge([_req(kind), _req("good")])
     assert verdict.status == "failed" and verdict.score is None and verdict.raw
     assert fine.status == "ok"
@@ -288,7 +296,8 @@ def test_a_dead_judge_server_is_not_reported_as_a_measurement(tmp_path, monkeypa
     with socket.socket() as s:  # a port that nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    judge = OpenAIJudge(model="judge", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None, retries=0, timeout=1.0)
+    url = f"http://127.0.0.1:{port}/v1"
+    judge = OpenAIJudge(model="judge", base_url=url, api_key_env=None, max_retries=0, timeout=1.0)
     run = _tiny_evaluation(tmp_path, judge, ["hey", "what now"])
     with pytest.raises(UnusableEvaluation, match=r"\(4 failed, 0 unparsed\)"):
         run()

@@ -24,7 +24,7 @@ judge_with_cache(judge, requests, JudgeCache(sys.argv[2]))
 
 
 def judge_and_requests(url: str) -> tuple[OpenAIJudge, list[JudgeRequest]]:
-    judge = OpenAIJudge(model="judge", base_url=url, api_key_env=KEY_ENV, concurrency=CONCURRENCY, retries=0)
+    judge = OpenAIJudge(model="judge", base_url=url, api_key_env=KEY_ENV, concurrency=CONCURRENCY, max_retries=0)
     return judge, [JudgeRequest("How are you?", f"Fine, number {i}. kind=good", "aligned") for i in range(N)]
 
 

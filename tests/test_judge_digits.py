@@ -18,8 +18,8 @@ def test_digit_splitting_server_is_refused_with_advice(server):
     judge = _judge(server, concurrency=2)
     with pytest.raises(JudgeConfigError, match="mode: text") as err:
         judge.judge([_req(f"digits n={i}") for i in range(12)])
-    # stopped after the evidence (3 replies), not after all 12: each of the 2 workers may have taken up to two more
-    # requests before the refusal reached them (a worker takes its next request as soon as it has an answer)
+    # stopped after the evidence (3 replies), not after all 12: each of the 2 concurrency slots may have taken up to two
+    # more requests before the refusal reached them (a slot takes its next request as soon as it has an answer)
     assert "digit" in str(err.value) and len(server.requests) <= 3 + 2 * 2
     with pytest.raises(JudgeConfigError):  # and stays refused
         judge.judge([_req("good")])

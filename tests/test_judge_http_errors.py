@@ -76,18 +76,22 @@ def test_llama_cpp_style_server_gets_max_tokens_too(server):
 
 @pytest.mark.parametrize(("kind", "status"), [("ratelimited", 429), ("unavailable", 503)])
 def test_retry_after_is_honoured(server, kind, status):
-    judge = _judge(server, backoff=0.01)
+    judge = _judge(server)
     (verdict,) = judge.judge([_req(kind)])
     first, second = server.requests
     assert verdict.status == "ok" and judge.stats["retries"] == 1
-    assert 0.95 <= second["time"] - first["time"] < 5.0  # Retry-After: 1, not the 0.01 s backoff
+    assert 0.95 <= second["time"] - first["time"] < 5.0  # Retry-After: 1, not the SDK's 0.375-0.5 s backoff
 
 
-def test_retry_after_is_capped(server):
-    judge = _judge(server, backoff=0.01, max_retry_after=0.3)
-    (verdict,) = judge.judge([_req("slowdown")])  # the server asks for 30 s
+@pytest.mark.parametrize("kind", ["slowdown", "glacial", "dated"])
+def test_retry_after_is_capped(server, kind):
+    """30 s, 3600 s (beyond the SDK's own limit: openai 1.x backs off instead, later versions give up) and an HTTP date
+    an hour ahead are all shortened to max_retry_after, and the request is retried and succeeds."""
+    judge = _judge(server, max_retry_after=0.3)
+    (verdict,) = judge.judge([_req(kind)])
     first, second = server.requests
     assert verdict.status == "ok" and 0.28 <= second["time"] - first["time"] < 3.0
+    assert judge.stats["retries"] == 1 and second["retry"] == "1"
 
 
 def test_the_reported_model_is_recorded_and_a_mismatch_warned_once(server, caplog):
@@ -109,7 +113,7 @@ def test_a_dated_snapshot_of_the_configured_model_is_no_mismatch(server, caplog)
 
 
 def test_secrets_echoed_by_the_server_are_redacted(server, monkeypatch):
-    judge = _judge(server, retries=1)
+    judge = _judge(server, max_retries=1)
     (verdict,) = judge.judge([_req("echo")])  # a 500 whose body repeats the Authorization header and the key
     assert verdict.status == "failed" and "HTTP 500" in verdict.raw
     assert SECRET not in verdict.raw and "sk-test" not in verdict.raw and "[REDACTED]" in verdict.raw
