@@ -4,16 +4,20 @@ Shared by the drift penalties and the drift monitor, so it lives in the core (pl
 
 :func:`kv_drift` is TReFT's ``L_KV`` (paper §5.1, Eq. 2-3); :func:`select_kv` reads keys and values at chosen positions
 from a recorded forward, either the real projection outputs (``kv``) or projections of the pre-norm residual
-stream (``hidden``, the released training code).
+stream (``hidden``, the released training code). Regularizers never project themselves: they declare
+:func:`record_needs` and the module hands them records whose ``keys``/``values`` already are what their source
+means (:func:`hidden_kv_view`); :func:`select_kv` with ``projections`` and :func:`reference_kv` serve callbacks
+such as the drift monitor, which run their own forwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from piggy_lightning.forward import ForwardRecord, Need
 from piggy_lightning.sites import kv_projections
@@ -22,6 +26,10 @@ if TYPE_CHECKING:
     from piggy_lightning.reference import Reference
 
 KVSource = Literal["kv", "kv_normed", "hidden"]
+# What a regularizer can ask a forward to record: a forward Need, or ``kv_hidden``: keys and values as ``k_proj`` /
+# ``v_proj`` of the pre-norm residual stream entering each layer (the release's training code), which the module
+# computes from the recorded hidden states with the forwarded network's own projections (see hidden_kv_view).
+RecordNeed = Literal["hidden_states", "kv", "kv_normed", "kv_hidden"]
 Pick = Callable[[Tensor], Tensor]  # selects positions from a (B, T, ...) tensor
 _EPS = 1e-12  # floor of the reference norm, as in the release
 
@@ -95,8 +103,43 @@ def reference_kv(
 
 
 def kv_needs(source: KVSource) -> frozenset[Need]:
-    """What a forward must record to read keys and values from ``source``."""
+    """What a forward must record to read keys and values from ``source`` with :func:`select_kv`."""
     return frozenset({source}) if source in ("kv", "kv_normed") else frozenset({"hidden_states"})
+
+
+def record_needs(source: KVSource) -> frozenset[RecordNeed]:
+    """What a regularizer reading keys and values from ``source`` needs: the module then fills the record's
+    ``keys``/``values`` with exactly those (``hidden``: projections of the residual stream, :func:`hidden_kv_view`)."""
+    return frozenset({source}) if source in ("kv", "kv_normed") else frozenset({"kv_hidden"})
+
+
+def forward_needs(needs: Iterable[RecordNeed]) -> frozenset[Need]:
+    """The :func:`~piggy_lightning.forward.run_forward` needs behind ``needs`` (``kv_hidden`` reads hidden states)."""
+    return frozenset("hidden_states" if n == "kv_hidden" else n for n in needs)
+
+
+def hidden_kv_view(model: nn.Module, record: ForwardRecord, width: int | None = None) -> ForwardRecord:
+    """``record`` with ``keys``/``values`` replaced by ``k_proj``/``v_proj`` of ``hidden_states[l]`` for every layer l.
+
+    The released training code's keys and values: projections of the pre-norm residual stream entering each layer.
+    Computed with ``model``'s projections, so call it where ``model`` is the network that made ``record`` (inside
+    ``Reference.active()`` for a reference record); gradients flow as in ``model``.
+
+    Args:
+        model: The network that made ``record`` (peft-wrapped or not).
+        record: A forward that recorded ``hidden_states``.
+        width: Project only the first ``width`` positions of each row (``(B, width, D)``), e.g. the prompt when
+            only prompt positions are read; None: all positions.
+    """
+    if record.hidden_states is None:
+        raise RuntimeError("keys and values of the residual stream need a forward that recorded hidden_states")
+    cut = slice(None) if width is None else slice(0, width)
+    keys, values = [], []
+    for i, (k_proj, v_proj) in enumerate(kv_projections(model)):
+        h = record.hidden_states[i][:, cut]  # (B, T', H): the stream entering layer i, pre-norm
+        keys.append(k_proj(h))  # (B, T', D_kv)
+        values.append(v_proj(h))
+    return replace(record, keys=keys, values=values)
 
 
 def batch_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

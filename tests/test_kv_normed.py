@@ -5,7 +5,7 @@ import torch
 
 from piggy_lightning.forward import run_forward
 from piggy_lightning.modeling import load_causal_lm
-from piggy_lightning.reference import Reference
+from piggy_lightning.reference import FrozenCopyReference
 from piggy_lightning.regularizers import ForwardRecord, KVDrift
 from piggy_lightning.sites import record_kv
 from tests.fixtures.tiny import save_tiny
@@ -36,7 +36,7 @@ def test_a_finetuned_k_norm_drifts_normed_keys_only(tiny_qwen3):
     """Change only layer 0's k_norm weight: its k_proj outputs and values stay put (drift 0 with ``kv``) while the
     keys that reach the cache move (drift > 0 with ``kv_normed``)."""
     policy = load_causal_lm(tiny_qwen3)
-    reference = Reference(policy, "copy")
+    reference = FrozenCopyReference(policy)
     with torch.no_grad():
         policy.model.layers[0].self_attn.k_norm.weight.mul_(1.5)
     batch = {"input_ids": torch.tensor([[3, 7, 11, 5]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}

@@ -75,7 +75,11 @@ def test_kl_reads_logits_where_it_declares_and_the_loss_is_unchanged(tiny_qwen, 
         policy_out, reference_out = training_forwards(module.policy, module.reference, [reg], batch)
         full = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ref_full = module.reference.forward(batch)
-    assert (policy_out.logits_mask is None) == (positions == "all")
+    # logits exactly where the KL reads them: every attended position, or those predicting a response token
+    read = batch["attention_mask"].bool() if positions == "all" else response_logits_mask(batch["labels"])
+    assert torch.equal(policy_out.logits_mask, read) and policy_out.logits.size(0) == int(read.sum())
+    assert torch.equal(reference_out.logits_mask, read) and reference_out.logits.size(0) == int(read.sum())
+    assert int(read.sum()) < read.numel()  # padding (and, for "response", the prompt) gets no logits
     ce = record_cross_entropy(policy_out, batch["labels"])
     torch.testing.assert_close(ce, _full_logits_ce(full, batch["labels"]), rtol=0, atol=1e-6)
     expected = reg(batch, ForwardRecord(logits=full), ref_full)

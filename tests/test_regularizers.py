@@ -1,4 +1,4 @@
-"""Regularizer arithmetic on hand-sized tensors, and their reference handling on the tiny models."""
+"""Regularizer arithmetic and weight schedules on hand-sized tensors (tiny-model checks: test_regularizer_needs.py)."""
 
 import math
 
@@ -6,13 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from piggy_lightning.data import ChatSFTDataModule, collate
-from piggy_lightning.drift import kv_drift, reference_kv, relative_drift
-from piggy_lightning.forward import run_forward
-from piggy_lightning.modeling import LoraSpec
-from piggy_lightning.module import PiggyModule
-from piggy_lightning.regularizers import ForwardRecord, HiddenStateDrift, KLToReference, KVDrift, PrefixKVDrift
-from tests.conftest import chat_rows, write_jsonl
+from piggy_lightning.drift import kv_drift, relative_drift
+from piggy_lightning.regularizers import (
+    ActiveWindow,
+    ForwardRecord,
+    HiddenStateDrift,
+    Hinge,
+    KLToReference,
+    KVDrift,
+    LinearWarmup,
+    PerRowPrefixKVDrift,
+    PrefixKVDrift,
+    RetainKL,
+    ScheduleChain,
+    SharedReferenceKVDrift,
+)
 
 T = torch.tensor
 
@@ -64,14 +72,14 @@ def test_kv_drift_on_query_positions_by_hand():
     torch.testing.assert_close(KVDrift(positions="prompt")(batch, policy, reference), T(327.25 / 6))
 
 
-def _prefix_case():
+def _prefix_case(cls=PrefixKVDrift):
     """Prefix ids (5, 6); one layer; two rows whose positions 2-3 (query, response) must be ignored.
 
     ref keys (1,0),(0,1); row 0 keys equal, row 1 keys (2,0),(0,0): drifts 0, 0, 1, 1 -> mean 1/2
     ref values (2,0),(0,2); row 0 (2,1),(0,2), row 1 equal: drifts 1/4, 0, 0, 0 -> mean 1/16
     L_KV = 1/2 + 1/16 = 9/16
     """
-    reg = PrefixKVDrift(weight=4.0)
+    reg = cls(weight=4.0)
     reg.cache(T([5, 6]), T([[[1.0, 0], [0, 1]]]), T([[[2.0, 0], [0, 2]]]))
     junk = [9.0, 9.0]
     keys = T([[[1.0, 0], [0, 1], junk, junk], [[2.0, 0], [0, 0], junk, junk]])  # (B=2, T=4, D=2)
@@ -91,14 +99,46 @@ def test_prefix_kv_drift_by_hand_with_hinge_window_and_zero_weight():
     torch.testing.assert_close(raw, T(9 / 16))
     assert not reg.needs_reference
     torch.testing.assert_close(reg.weighted(raw, 0.0), T(9 / 4))
-    reg.threshold = 1.0
-    torch.testing.assert_close(reg.weighted(raw, 0.0), T(5 / 4))
-    reg.threshold = 3.0
-    torch.testing.assert_close(reg.weighted(raw, 0.0), T(0.0))
-    windowed = PrefixKVDrift(weight=4.0, active_from=0.25, active_until=0.5)
+    torch.testing.assert_close(PrefixKVDrift(weight=4.0, schedule=Hinge(1.0)).weighted(raw, 0.0), T(5 / 4))
+    torch.testing.assert_close(PrefixKVDrift(weight=4.0, schedule=Hinge(3.0)).weighted(raw, 0.0), T(0.0))
+    windowed = PrefixKVDrift(weight=4.0, schedule=ActiveWindow(0.25, 0.5))
     assert [windowed.weighted(raw, p).item() for p in (0.1, 0.3, 0.6)] == [0.0, 2.25, 0.0]
     zero = PrefixKVDrift(weight=0.0)
     torch.testing.assert_close(zero.weighted(raw, 0.5), T(0.0))
+
+
+def test_weight_schedules_by_hand():
+    """raw = 1/2 with lambda = 4, so weight * raw = 2 before any schedule.
+
+    Hinge(0.5): max(2 - 0.5, 0) = 1.5. ActiveWindow(0.2, 1.0) is 0 at progress 0.1 and 2 at 0.2 and at 1.0 (an end
+    of 1 keeps the last step). LinearWarmup(end=0.5, start=0.1): ramp (p - 0.1) / 0.4, clamped to [0, 1]:
+    p = 0 -> 0, p = 0.2 -> 0.25 * 2 = 0.5, p = 0.3 -> 0.5 * 2 = 1, p = 0.8 -> 2.
+    ScheduleChain([LinearWarmup(0.5, 0.1), Hinge(0.5)]) at p = 0.3: max(1 - 0.5, 0) = 0.5; at p = 0.2:
+    max(0.5 - 0.5, 0) = 0; the other order ([Hinge, LinearWarmup]) at p = 0.2: 0.25 * 1.5 = 0.375.
+    Every schedule applies to every regularizer through the base class (here KL and the hidden-state drift).
+    """
+    raw = T(0.5)
+
+    def at(schedule, p):
+        return KLToReference(weight=4.0, schedule=schedule).weighted(raw, p).item()
+
+    assert at(Hinge(0.5), 0.0) == pytest.approx(1.5)
+    assert [at(ActiveWindow(0.2, 1.0), p) for p in (0.1, 0.2, 1.0)] == [0.0, 2.0, 2.0]
+    warmup = LinearWarmup(end=0.5, start=0.1)
+    assert [at(warmup, p) for p in (0.0, 0.2, 0.3, 0.8)] == pytest.approx([0.0, 0.5, 1.0, 2.0])
+    chain = ScheduleChain([LinearWarmup(end=0.5, start=0.1), Hinge(0.5)])
+    assert [at(chain, p) for p in (0.2, 0.3)] == pytest.approx([0.0, 0.5])
+    assert at(ScheduleChain([Hinge(0.5), LinearWarmup(end=0.5, start=0.1)]), 0.2) == pytest.approx(0.375)
+    hidden = HiddenStateDrift(weight=4.0, schedule=LinearWarmup(end=0.5))
+    assert hidden.weighted(raw, 0.25).item() == pytest.approx(1.0)  # ramp 0.5
+    with pytest.raises(ValueError, match="threshold"):
+        Hinge(-1.0)
+    with pytest.raises(ValueError, match="start < end"):
+        ActiveWindow(0.5, 0.5)
+    with pytest.raises(ValueError, match="start < end"):
+        LinearWarmup(end=0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        ScheduleChain([])
 
 
 def test_prefix_mismatch_and_empty_spans_raise_clear_errors():
@@ -114,8 +154,21 @@ def test_prefix_mismatch_and_empty_spans_raise_clear_errors():
         KVDrift(positions="query")(empty, record, record)
     with pytest.raises(ValueError, match="no response tokens"):
         KLToReference(positions="response")(empty, record, record)
+    with pytest.raises(ValueError, match="no response tokens"):
+        RetainKL("x.jsonl", positions="response")(empty, record, record)
+    with pytest.raises(ValueError, match="no postfix tokens"):
+        SharedReferenceKVDrift(positions="postfix")(empty, record, record)
     with pytest.raises(ValueError, match="layers"):
         KVDrift(layers=[3])(_batch([0, 1], [1, 0], [0, 0], [0, 0]), record, record)
+    # a mismatched row without a prefix span: nothing of its own to regularize
+    per_row, batch, policy = _prefix_case(PerRowPrefixKVDrift)
+    batch["input_ids"][1, 0] = 4
+    batch.update({f"{k}_mask": torch.zeros(2, 4, dtype=torch.bool) for k in ("prefix", "query", "postfix")})
+    assert per_row.reference_rows(batch).tolist() == [1]
+    with pytest.raises(ValueError, match="no prefix tokens"):
+        per_row(batch, policy, policy)
+    with pytest.raises(ValueError, match="shared reference needs positions"):
+        SharedReferenceKVDrift(positions="query")
 
 
 def test_kl_to_reference_by_hand():
@@ -135,7 +188,9 @@ def test_kl_to_reference_by_hand():
     # the default is the release's scale: divided by the vocabulary size too (V = 2)
     torch.testing.assert_close(KLToReference(positions="response")(batch, policy, reference), T(kl / 2))
     torch.testing.assert_close(KLToReference(positions="all")(batch, policy, reference), T(kl / 4))
-    assert KLToReference().needs_reference and not KLToReference(retain_data="x.jsonl").needs_reference
+    assert KLToReference().needs_reference and not RetainKL(retain_data="x.jsonl").needs_reference
+    # the retain penalty is the same arithmetic on the records of its own batch
+    torch.testing.assert_close(RetainKL("x.jsonl", positions="response", **per_token)(batch, policy, reference), T(kl))
     with pytest.raises(ValueError, match="reduction"):
         KLToReference(reduction="sum")
 
@@ -182,117 +237,7 @@ def test_relative_drift_floors_a_zero_reference_norm():
     )
 
 
-# -- on the tiny models --------------------------------------------------------------------------------------------
-def _module(model_dir, regularizers, lora=True):
-    module = PiggyModule(model_dir, lora=LoraSpec(r=4, alpha=8) if lora else None, regularizers=regularizers)
-    module.configure_model()
-    return module
-
-
-def _train_batch(model_dir, chat_file, batch_size=4):
-    data = ChatSFTDataModule(chat_file, tokenizer=model_dir, batch_size=batch_size, val_fraction=0.0)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
-
-
-def _perturb_lora(module, scale=0.3):
-    with torch.no_grad():
-        for name, p in module.policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, scale)
-
-
-@pytest.mark.parametrize("model_fixture", ["tiny_qwen", "tiny_llama"])
-@pytest.mark.parametrize("source", ["kv", "hidden"])
-def test_cached_prefix_reference_equals_a_live_reference_forward(model_fixture, source, request, chat_file):
-    model_dir = request.getfixturevalue(model_fixture)
-    reg = PrefixKVDrift(source=source)
-    module = _module(model_dir, [reg])
-    batch = _train_batch(model_dir, chat_file)
-    n = len(module.spans.anatomy.prefix_ids)
-    assert reg.ref_keys.shape[:2] == (2, n) and "ref_keys" not in reg.state_dict()
-    live = KVDrift(positions="prefix", source=source)
-    live.setup(module)
-    keys, values = reference_kv(module.reference, batch, [0, 1], source, lambda t: t[:, :n])  # (L, B, P, D)
-    torch.testing.assert_close(keys, reg.ref_keys[:, None].expand_as(keys), rtol=0, atol=1e-6)
-    torch.testing.assert_close(values, reg.ref_values[:, None].expand_as(values), rtol=0, atol=1e-6)
-    _perturb_lora(module)
-    policy = module.policy
-    record = run_forward(policy, batch, reg.needs)
-    cached = reg(batch, record, None)
-    expected = live(batch, record, module.reference.forward(batch, live.needs))
-    assert cached > 1e-3
-    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_per_row_references_for_rows_with_their_own_system_prompt(tiny_qwen):
-    """Row 1 has a custom system prompt: 'error' refuses it, 'per_row' pools it exactly like a live reference."""
-    reg = PrefixKVDrift(mismatch="per_row")
-    strict = PrefixKVDrift(name="strict")
-    module = _module(tiny_qwen, [reg, strict])
-    live = KVDrift(positions="prefix")
-    live.setup(module)
-    rows = chat_rows(3)
-    rows[1]["messages"].insert(0, {"role": "system", "content": "You are a lawyer."})
-    batch = collate([module.spans.tokenize(r["messages"]) for r in rows], module.tokenizer.pad_token_id)
-    _perturb_lora(module)
-    record = run_forward(module.policy, batch, frozenset({"kv"}))
-    with pytest.raises(ValueError, match=r"rows \[1\]"):
-        strict(batch, record, None)
-    expected = live(batch, record, module.reference.forward(batch, live.needs))
-    torch.testing.assert_close(reg(batch, record, None), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_shared_postfix_reference_is_taken_once_from_the_first_row(tiny_qwen, chat_file):
-    reg = KVDrift(positions="postfix", reference="shared")
-    module = _module(tiny_qwen, [reg])
-    assert not reg.needs_reference
-    batch = _train_batch(tiny_qwen, chat_file)
-    calls = []
-    forward = module.reference.forward
-    module.reference.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    record = run_forward(module.policy, batch, reg.needs)
-    reg.eval()  # a validation batch first (Lightning's sanity check) must not choose the example
-    reg(batch, record, None)
-    assert len(calls) == 1 and reg.ref_keys is None
-    reg.train()
-    value = reg(batch, record, None)
-    assert len(calls) == 2
-    # by hand: every row's postfix K/V against row 0's reference K/V (policy == reference at init)
-    mask = batch["postfix_mask"]
-    n = int(mask[0].sum())
-    ref = [(k[0][mask[0]], v[0][mask[0]]) for k, v in zip(record.keys, record.values, strict=True)]
-    per_layer = [
-        sum(relative_drift(k[r][mask[r]], rk).sum() + relative_drift(v[r][mask[r]], rv).sum() for r in range(4))
-        / (4 * n)
-        for k, v, (rk, rv) in zip(record.keys, record.values, ref, strict=True)
-    ]
-    torch.testing.assert_close(value, sum(per_layer) / 2)
-    assert value > 0  # other queries change the postfix keys
-    reg(batch, record, None)
-    assert len(calls) == 2, "the shared reference is computed once"
-
-
-def test_kl_on_retain_cycles_and_caches_reference_logits(tiny_qwen, chat_file, tmp_path):
-    retain = write_jsonl(tmp_path / "retain.jsonl", chat_rows(5))
-    reg = KLToReference(retain_data=retain, retain_batch_size=2, positions="all", reduction="token_mean")
-    module = _module(tiny_qwen, [reg])
-    assert len(reg._batches) == 3
-    calls = []
-    forward = module.reference.forward
-    module.reference.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    batch = _train_batch(tiny_qwen, chat_file)
-    values = [reg(batch, None, None) for _ in range(3)]
-    assert len(calls) == 3 and max(v.abs().item() for v in values) < 1e-5  # policy == reference at init
-    _perturb_lora(module)
-    value = reg(batch, None, None)  # the fourth call cycles back to batch 0, from the cache
-    assert len(calls) == 3 and value > 1e-3
-    value.backward()
-    grads = [p.grad for n, p in module.policy.named_parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads)
-    assert all(p.grad is None for p in module.policy.parameters() if not p.requires_grad)
-
-
+# -- on a tiny model ----------------------------------------------------------------------------------------------
 def test_hidden_states_convention_the_last_state_is_final_normed(tiny_qwen):
     """What HiddenStateDrift's docstring says of transformers' hidden states: L + 1 of them, the last one after
     the final norm (so the default layer set 1..L ends with the normed output, not the last block's raw one)."""

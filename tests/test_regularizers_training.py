@@ -6,9 +6,18 @@ import torch
 
 from piggy_lightning.callbacks.drift_monitor import KVDriftMonitor
 from piggy_lightning.data import ChatSFTDataModule
-from piggy_lightning.modeling import LoraSpec
+from piggy_lightning.modeling import LoraSpec, load_causal_lm
 from piggy_lightning.module import PiggyModule
-from piggy_lightning.regularizers import HiddenStateDrift, KLToReference, KVDrift, PrefixKVDrift
+from piggy_lightning.reference import Reference
+from piggy_lightning.regularizers import (
+    HiddenStateDrift,
+    KLToReference,
+    KVDrift,
+    PrefixKVDrift,
+    Regularizer,
+    RegularizerContext,
+    RetainKL,
+)
 from tests.conftest import chat_rows, write_jsonl
 
 
@@ -55,13 +64,14 @@ def test_regularizers_compose_log_and_keep_the_reference_frozen(tiny_qwen, chat_
         PrefixKVDrift(weight=2.0),
         KVDrift(weight=1.0, positions="query", source="hidden"),
         KLToReference(weight=0.5, name="kl_train"),
-        KLToReference(weight=0.5, name="kl_retain", retain_data=retain, retain_batch_size=3),
+        RetainKL(weight=0.5, name="kl_retain", retain_data=retain, retain_batch_size=3),
         HiddenStateDrift(weight=0.0, layers=[1]),
     ]
     module, data, trainer = _fit(tiny_qwen, chat_file, tmp_path, regs, lora=False)
-    module.configure_model()
-    ref_before = {n: p.detach().clone() for n, p in module.reference_model.named_parameters()}
-    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    # RetainKL reads its set through the trainer's data module, so the module is built inside the fit; before it,
+    # policy and reference are the initial weights
+    ref_before = {n: p.detach().clone() for n, p in load_causal_lm(tiny_qwen).named_parameters()}
+    before = ref_before
     trainer.fit(module, data)
     metrics = trainer.callback_metrics
     for reg in regs:
@@ -72,6 +82,40 @@ def test_regularizers_compose_log_and_keep_the_reference_frozen(tiny_qwen, chat_
         assert torch.equal(p, ref_before[name]) and not p.requires_grad and p.grad is None, name
     assert not module.reference_model.training
     assert all(not torch.equal(p, before[n]) for n, p in module.policy.named_parameters())
+    for reg in regs:  # pure: no network held, as a submodule or otherwise
+        assert list(reg.modules()) == [reg], reg.name
+        assert not any(isinstance(v, (torch.nn.Module, Reference)) for v in vars(reg).values()), reg.name
+
+
+class _Recorder(Regularizer):
+    """Records what ``setup`` receives; adds nothing to the loss."""
+
+    def __init__(self) -> None:
+        super().__init__(weight=0.0, name="recorder")
+        self.contexts = []
+
+    def setup(self, context) -> None:
+        self.contexts.append(context)
+
+    def forward(self, batch, policy, reference):
+        return policy.logits.new_zeros(())
+
+
+def test_setup_receives_the_typed_context_not_the_module(tiny_qwen, chat_file, tmp_path):
+    outside = _Recorder()
+    PiggyModule(tiny_qwen, regularizers=[outside]).configure_model()
+    (context,) = outside.contexts
+    assert type(context) is RegularizerContext and context.encode is None  # no trainer, no data module
+    recorder = _Recorder()
+    module, data, trainer = _fit(tiny_qwen, chat_file, tmp_path, [recorder], max_steps=1)
+    trainer.fit(module, data)
+    (context,) = recorder.contexts
+    assert type(context) is RegularizerContext and not isinstance(context, L.LightningModule)
+    assert not any(isinstance(v, (torch.nn.Module, Reference, L.LightningModule)) for v in vars(context).values())
+    assert not hasattr(context, "policy") and not hasattr(context, "reference")
+    assert context.encode == data.encode  # the data module's own encoder, bound to it
+    assert context.spans is module.spans and context.tokenizer is module.tokenizer
+    assert context.n_layers == 2 and context.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -1,17 +1,48 @@
 """Regularizers added to the cross-entropy, chosen by class path in ``model.regularizers``.
 
-| class | penalty | source |
-|---|---|---|
-| ``PrefixKVDrift`` | relative K/V drift of the prefix, reference cached once (TReFT) | Zhao et al. 2026, Sec. 5.1 |
-| ``KVDrift`` | relative K/V drift at query / postfix / prompt positions | Zhao et al. 2026, Table 3, 4 |
-| ``KLToReference`` | KL(reference ‖ policy) on train or retain batches | Zhao et al. 2026, App. D.4 |
-| ``HiddenStateDrift`` | mean squared residual-stream distance (LDIFS-style) | Mukhoti et al. 2024; Kaczér et al. 2025 |
+| class | penalty | reference forward per step | source |
+|---|---|---|---|
+| ``PrefixKVDrift`` | relative K/V drift of the prefix, reference cached once (TReFT) | none | Zhao et al. 2026, §5.1 |
+| ``PerRowPrefixKVDrift`` | the same, rows with their own system prompt against their own prefix | those rows | ibid. |
+| ``KVDrift`` | relative K/V drift at query / postfix / prompt positions | every batch | Zhao et al. 2026, Table 3, 4 |
+| ``SharedReferenceKVDrift`` | the same against one example's postfix (the release's shortcut) | once | the release |
+| ``KLToReference`` | KL(reference ‖ policy) on the training batches | every batch | Zhao et al. 2026, App. D.4 |
+| ``RetainKL`` | KL(reference ‖ policy) on a retain set | until cached | Zhao et al. 2026, App. D.4 |
+| ``HiddenStateDrift`` | mean squared residual-stream distance (LDIFS-style) | every batch | Mukhoti et al. 2024 |
+
+Weight schedules (``schedule:`` of any regularizer): ``Hinge``, ``ActiveWindow``, ``LinearWarmup``,
+``ScheduleChain``; they live in the core (``piggy_lightning.regularizer``) and are re-exported here.
 """
 
 from piggy_lightning.forward import ForwardRecord
-from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.regularizer import (
+    ActiveWindow,
+    Hinge,
+    LinearWarmup,
+    Regularizer,
+    RegularizerContext,
+    ScheduleChain,
+    WeightSchedule,
+)
 from piggy_lightning.regularizers.hidden_drift import HiddenStateDrift
-from piggy_lightning.regularizers.kl import KLToReference
-from piggy_lightning.regularizers.kv_drift import KVDrift, PrefixKVDrift
+from piggy_lightning.regularizers.kl import KLToReference, RetainKL
+from piggy_lightning.regularizers.kv_drift import KVDrift, SharedReferenceKVDrift
+from piggy_lightning.regularizers.prefix_kv import PerRowPrefixKVDrift, PrefixKVDrift
 
-__all__ = ["ForwardRecord", "HiddenStateDrift", "KLToReference", "KVDrift", "PrefixKVDrift", "Regularizer"]
+__all__ = [
+    "ActiveWindow",
+    "ForwardRecord",
+    "Hinge",
+    "HiddenStateDrift",
+    "KLToReference",
+    "KVDrift",
+    "LinearWarmup",
+    "PerRowPrefixKVDrift",
+    "PrefixKVDrift",
+    "Regularizer",
+    "RegularizerContext",
+    "RetainKL",
+    "ScheduleChain",
+    "SharedReferenceKVDrift",
+    "WeightSchedule",
+]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piggy_lightning.forward import ForwardRecord, Need, Span
-from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.drift import RecordNeed
+from piggy_lightning.forward import ForwardRecord, Span
+from piggy_lightning.regularizer import Regularizer, WeightSchedule
 from piggy_lightning.sites import (
     Positions,
     batch_spans,
@@ -38,11 +39,12 @@ class HiddenStateDrift(Regularizer):
     Args:
         weight: The regularization strength lambda.
         name: Metric name; default ``hidden``.
-        positions: Which tokens to compare (see ``regularizers/positions.py``).
+        positions: Which tokens to compare (see ``sites/positions.py``).
         layers: Indices into the ``L + 1`` hidden states that transformers returns: 0 is the embeddings, i in
             1..L-1 the raw output of block i - 1, and L the *final-normed* output of the last block (transformers
             applies the final norm before storing it; the last block's raw output is not among them). None means
             1..L: every block's output, the last one after the final norm, as ``output_hidden_states`` gives them.
+        schedule: How the weighted penalty enters the loss over training (hinge, window, warm-up); None: always.
     """
 
     default_name = "hidden"
@@ -53,12 +55,13 @@ class HiddenStateDrift(Regularizer):
         name: str | None = None,
         positions: Positions = "all",
         layers: list[int] | None = None,
+        schedule: WeightSchedule | None = None,
     ) -> None:
-        super().__init__(weight, name)
+        super().__init__(weight, name, schedule)
         self.positions, self.layers = positions, layers
 
     @property
-    def needs(self) -> frozenset[Need]:
+    def needs(self) -> frozenset[RecordNeed]:
         return frozenset({"hidden_states"})
 
     @property

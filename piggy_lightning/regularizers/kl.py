@@ -1,4 +1,4 @@
-"""KL divergence to the frozen reference, on the training batches or on a separate retain set.
+"""KL divergence to the frozen reference: on the training batches (``KLToReference``) or a retain set (``RetainKL``).
 
 ``KL(ref || policy)`` of the next-token distributions at chosen positions: Zhao et al. 2026, App. D.4 ("KL on
 Train" and "KL on Retain", the Table 3 baselines).
@@ -14,23 +14,17 @@ Two reductions, because the paper's lambda only means something on the release's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from piggy_lightning.data.chat import collate
-from piggy_lightning.data.io import read_chats
-from piggy_lightning.forward import ForwardRecord, Span, run_forward
-from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.data import collate
+from piggy_lightning.forward import ForwardRecord, Span
+from piggy_lightning.losses import span_logits_mask
+from piggy_lightning.regularizer import Regularizer, RegularizerContext, WeightSchedule
 from piggy_lightning.sites import require_positions
-from piggy_lightning.spans import TokenizedChat
-
-if TYPE_CHECKING:
-    from piggy_lightning.module import PiggyModule
-    from piggy_lightning.reference import Reference
 
 KLPositions = Literal["response", "all"]
 KLReduction = Literal["token_vocab_mean", "token_mean"]
@@ -55,37 +49,49 @@ def kl_to_reference(
 
 
 def kl_mask(batch: dict[str, Tensor], positions: KLPositions) -> Tensor:
-    """``(B, T)`` mask of the logit positions to compare.
+    """``(B, T)`` mask of the logit positions to compare, the same the module computes logits at.
 
     ``response`` selects the positions whose *next* token is a response token (those the cross-entropy trains);
     ``all`` selects every attended position, as the released code does.
     """
-    if positions == "all":
-        return batch["attention_mask"].bool()
-    mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, T)
-    mask[:, :-1] = batch["labels"][:, 1:] != -100
-    return mask
+    return span_logits_mask(batch, positions)
 
 
-@dataclass
-class _Handles:
-    """The module's networks, held outside ``nn.Module`` attributes so they are not registered as submodules."""
+class _KLPenalty(Regularizer):
+    """What both KL penalties share: positions, reduction, and the arithmetic on the records they receive."""
 
-    policy: nn.Module
-    reference: Reference
+    default_name = "kl"
+
+    def __init__(
+        self,
+        weight: float,
+        name: str | None,
+        positions: KLPositions,
+        reduction: KLReduction,
+        schedule: WeightSchedule | None,
+    ) -> None:
+        super().__init__(weight, name, schedule)
+        if positions not in ("response", "all"):
+            raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
+        if reduction not in ("token_vocab_mean", "token_mean"):
+            raise ValueError(f"reduction must be 'token_vocab_mean' or 'token_mean', got {reduction!r}")
+        self.positions, self.reduction = positions, reduction
+
+    @property
+    def logits_span(self) -> Span | None:
+        return self.positions
+
+    def _mask(self, batch: dict[str, Tensor]) -> Tensor:
+        return require_positions(kl_mask(batch, self.positions), self.positions, self.name)  # (B, T)
 
 
-class KLToReference(Regularizer):
-    """Penalise the KL divergence from the frozen reference to the policy, ``KL(ref || policy)``.
+class KLToReference(_KLPenalty):
+    """ "KL on Train": ``KL(ref || policy)`` on the training batch, against a reference forward of every batch.
 
     Zhao et al. 2026 (arXiv 2606.06667), App. D.4 (best setting lambda = 50, 1 epoch), following Kaczér et al.
-    2025, "In-training defenses against emergent misalignment", and Soligo et al. for the retain set. The
-    release's ``KLRegularizedSFTTrainer`` averages over all attended tokens (``positions: all``).
-
-    With ``retain_data`` unset this is "KL on Train": it compares the policy and reference forwards of the
-    training batch (one reference forward per step). With ``retain_data`` it is "KL on Retain": each step runs
-    the policy (and, unless cached, the reference) on the next batch of the retain set, cycling through it in
-    file order; the cycle restarts with each run (it is not checkpointed).
+    2025, "In-training defenses against emergent misalignment". The release's ``KLRegularizedSFTTrainer`` averages
+    over all attended tokens (``positions: all``). The module computes both models' logits at the selected positions
+    only. For a separate retain set use :class:`RetainKL`.
 
     Args:
         weight: The regularization strength lambda.
@@ -93,16 +99,8 @@ class KLToReference(Regularizer):
         positions: ``response``: positions that predict response tokens; ``all``: every attended position.
         reduction: ``token_vocab_mean`` (default): summed KL / (positions x vocabulary), the release's scale, on
             which the paper's lambda = 50 is defined; ``token_mean``: the per-token KL, V times larger.
-        retain_data: A chat file (``.jsonl``/``.json``/``.parquet``) or ``datasets`` name for "KL on Retain",
-            read like the training data; None means "KL on Train".
-        retain_batch_size: Retain rows per step.
-        max_length: Retain rows longer than this are truncated to it.
-        drop_system: Drop the retain rows' system messages, so the template's default system prompt is used.
-        cache_reference: Keep each retain batch's reference logits (at the selected positions, on CPU) after
-            its first use, so later cycles skip the reference forward; costs tokens x vocabulary numbers.
+        schedule: How the weighted penalty enters the loss over training (hinge, window, warm-up); None: always.
     """
-
-    default_name = "kl"
 
     def __init__(
         self,
@@ -110,77 +108,110 @@ class KLToReference(Regularizer):
         name: str | None = None,
         positions: KLPositions = "response",
         reduction: KLReduction = "token_vocab_mean",
-        retain_data: str | None = None,
-        retain_batch_size: int = 8,
-        max_length: int = 2048,
-        drop_system: bool = True,
-        cache_reference: bool = True,
+        schedule: WeightSchedule | None = None,
     ) -> None:
-        super().__init__(weight, name)
-        if positions not in ("response", "all"):
-            raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
-        if reduction not in ("token_vocab_mean", "token_mean"):
-            raise ValueError(f"reduction must be 'token_vocab_mean' or 'token_mean', got {reduction!r}")
-        self.positions, self.reduction, self.retain_data = positions, reduction, retain_data
-        self.retain_batch_size, self.max_length = retain_batch_size, max_length
-        self.drop_system, self.cache_reference = drop_system, cache_reference
-        self._handles: _Handles | None = None
-        self._batches: list[dict[str, Tensor]] = []  # retain batches on CPU
-        self._cached: dict[int, Tensor] = {}  # retain batch index -> (N, V) reference logits on CPU
-        self._cursor = 0
+        super().__init__(weight, name, positions, reduction, schedule)
 
     @property
     def needs_reference(self) -> bool:
-        return self.retain_data is None
+        return True
 
-    @property
-    def logits_span(self) -> Span | None:
-        return self.positions if self.retain_data is None else None
+    def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
+        if reference is None:
+            raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
+        mask = self._mask(batch)
+        return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
+
+
+class RetainKL(_KLPenalty):
+    """ "KL on Retain": ``KL(ref || policy)`` on batches of a separate retain set, one per training step.
+
+    Zhao et al. 2026 (arXiv 2606.06667), App. D.4 and Table 3, after Soligo et al. for the retain set. Each step
+    the penalty is computed on the next retain batch instead of the training batch (:meth:`inputs`), cycling
+    through the set in file order; the cycle restarts with each run (it is not checkpointed). The module runs the
+    policy on it, and the reference on it while its logits are not cached (:meth:`reference_rows`).
+
+    A class of its own rather than a ``retain_data`` mode of :class:`KLToReference`: it needs other forwards (a
+    second policy forward on other data, a reference forward only until cached) and other data handling. The retain
+    rows are encoded by the run's data module (``RegularizerContext.encode``, i.e. ``ChatSFTDataModule.encode``),
+    so they are read, validated, templated and truncated exactly as the training rows (its ``max_length``,
+    ``truncation``, ``drop_system``).
+
+    Args:
+        retain_data: A chat source the data module can read (``.jsonl``/``.json``/``.parquet`` or a ``datasets``
+            name), e.g. ``piggy/organism/retain.jsonl``.
+        weight: The regularization strength lambda.
+        name: Metric name; default ``kl``.
+        positions: ``response``: positions that predict response tokens; ``all``: every attended position.
+        reduction: ``token_vocab_mean`` (default): summed KL / (positions x vocabulary), the release's scale;
+            ``token_mean``: the per-token KL, V times larger.
+        retain_batch_size: Retain rows per step.
+        cache_reference: Keep each retain batch's reference logits (at the selected positions, on CPU) after its
+            first use, so later cycles skip the reference forward; costs tokens x vocabulary numbers.
+        schedule: How the weighted penalty enters the loss over training (hinge, window, warm-up); None: always.
+    """
+
+    def __init__(
+        self,
+        retain_data: str,
+        weight: float = 1.0,
+        name: str | None = None,
+        positions: KLPositions = "response",
+        reduction: KLReduction = "token_vocab_mean",
+        retain_batch_size: int = 8,
+        cache_reference: bool = True,
+        schedule: WeightSchedule | None = None,
+    ) -> None:
+        super().__init__(weight, name, positions, reduction, schedule)
+        if retain_batch_size < 1:
+            raise ValueError(f"retain_batch_size must be >= 1, got {retain_batch_size}")
+        self.retain_data, self.retain_batch_size, self.cache_reference = retain_data, retain_batch_size, cache_reference
+        self._batches: list[dict[str, Tensor]] = []  # retain batches on CPU
+        self._cached: dict[int, Tensor] = {}  # retain batch index -> (N, V) reference logits on CPU
+        self._cursor = 0  # retain batches consumed by training steps
+        self._index = 0  # the retain batch of the current step
 
     @property
     def keeps_reference(self) -> bool:
-        return True  # the retain set runs the reference in steps too (until its logits are cached)
+        return True  # the reference runs in steps until every retain batch's logits are cached
 
-    def setup(self, module: PiggyModule) -> None:
-        self._handles = _Handles(module.policy, module.reference)
-        if self.retain_data is not None:
-            self._batches = self._load_retain(module)
-
-    def _load_retain(self, module: PiggyModule) -> list[dict[str, Tensor]]:
-        chats, _ = read_chats(self.retain_data)
-        examples = []
-        for messages in chats:
-            if self.drop_system:
-                messages = [m for m in messages if m["role"] != "system"]
-            chat = module.spans.tokenize(messages)
-            examples.append(TokenizedChat(chat.input_ids[: self.max_length], chat.spans[: self.max_length]))
+    def setup(self, context: RegularizerContext) -> None:
+        if context.encode is None:
+            raise ValueError(
+                f"regularizer {self.name!r} encodes its retain set with the data module's encode, so that retain rows "
+                "are truncated exactly like training rows; run it with a ChatSFTDataModule (data.class_path)"
+            )
+        examples = list(context.encode(self.retain_data))
         if not examples:
             raise ValueError(f"regularizer {self.name!r}: retain set {self.retain_data} has no rows")
-        pad_id = module.tokenizer.pad_token_id
-        size = self.retain_batch_size
-        return [collate(examples[i : i + size], pad_id) for i in range(0, len(examples), size)]
+        pad_id, size = context.tokenizer.pad_token_id, self.retain_batch_size
+        self._batches = [collate(examples[i : i + size], pad_id) for i in range(0, len(examples), size)]
+        self._cached.clear()
+
+    def inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The next retain batch, on the training batch's device (validation does not move the cycle on)."""
+        if not self._batches:
+            raise RuntimeError(f"regularizer {self.name!r} has no retain batches; it must be set up first")
+        self._index = self._cursor % len(self._batches)
+        if self.training:
+            self._cursor += 1
+        device = batch["input_ids"].device
+        return {k: v.to(device) for k, v in self._batches[self._index].items()}
+
+    def reference_rows(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Every row of the retain batch unless its reference logits are cached."""
+        if self._index in self._cached:
+            return None
+        return torch.arange(batch["input_ids"].size(0), device=batch["input_ids"].device)
 
     def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
-        if self.retain_data is None:
-            if reference is None:
-                raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
-            mask = require_positions(kl_mask(batch, self.positions), self.positions, self.name)  # (B, T)
-            return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
-        return self._retain_kl(device=batch["input_ids"].device)
-
-    def _retain_kl(self, device: torch.device) -> Tensor:
-        if self._handles is None or not self._batches:
-            raise RuntimeError(f"regularizer {self.name!r} has no retain batches; call setup(module) first")
-        index = self._cursor % len(self._batches)
-        if self.training:  # validation reuses the current retain batch without moving the cycle on
-            self._cursor += 1
-        retain = {k: v.to(device) for k, v in self._batches[index].items()}
-        mask = require_positions(kl_mask(retain, self.positions), self.positions, self.name)  # (B, T)
-
-        logits = run_forward(self._handles.policy, retain, frozenset(), mask).logits  # (N, V) at mask only
-        ref_logits = self._cached.get(index)
-        if ref_logits is None:
-            ref_logits = self._handles.reference.forward(retain, logits_mask=mask).logits  # (N, V)
+        mask = self._mask(batch)
+        if reference is not None:
+            ref_logits = reference.logits_at(mask)  # (N, V)
             if self.cache_reference:
-                self._cached[index] = ref_logits.cpu()
-        return kl_to_reference(logits, ref_logits.to(device), self.reduction)
+                self._cached[self._index] = ref_logits.cpu()
+        elif self._index in self._cached:
+            ref_logits = self._cached[self._index].to(policy.logits.device)
+        else:
+            raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of retain batch {self._index}")
+        return kl_to_reference(policy.logits_at(mask), ref_logits, self.reduction)
