@@ -1,10 +1,11 @@
 """The shipped main job, killed mid-epoch and resumed from ``last.ckpt``, equals the uninterrupted run exactly.
 
-``configs/treft_legal.yaml`` trains 3 epochs x 17 steps = 51 with ``WarmupCosineLR(total_steps=None)``. The run is
-killed before step 26, i.e. after 8 of epoch 1's 17 batches; a checkpoint callback saves ``last.ckpt`` at step 25.
-Filling ``total_steps`` from ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` built the train
-loader before the checkpoint restored its position (Lightning #20550), so the resumed epoch trained batches 0-7
-again instead of 8-16 and every loss from step 26 on differed.
+``configs/treft_legal.yaml`` trains 3 epochs x 17 steps = 51 with ``CosineWithWarmup``, whose step count
+``configure_optimizers`` reads from ``trainer.estimated_stepping_batches``. The run is killed before step 26, i.e.
+after 8 of epoch 1's 17 batches; a checkpoint callback saves ``last.ckpt`` at step 25. Reading the step count there
+builds the train loader before the checkpoint restores the fit loop's copy of its position (Lightning #20550); without
+the data module's own copy, the resumed epoch trained batches 0-7 again instead of 8-16 and every loss from step 26 on
+differed.
 """
 
 import json

@@ -5,16 +5,17 @@ holds all N plus R = round(N * ratio / (1 - ratio)) retain examples, so R / (N +
 N * ratio / (1 - ratio) is a whole number and is otherwise off by less than half an example (paper: 20%; N = 4,000
 gives R = 1,000). The R retain rows are drawn once, without replacement, from a permutation of the retain set seeded
 by ``seed`` (cycling through fresh permutations when R exceeds the retain set), and the datamodule's per-epoch
-shuffle (``EpochShuffle``) then orders the whole mixture: the sequence depends only on the seeds and the epoch.
+shuffle (``data/sampling.py``: seed + epoch) then orders the whole mixture: the sequence depends only on the seeds and
+the epoch (and, split over ranks, the world size).
 
 **Mechanism.** The datamodule reads and encodes the retain file exactly like its training data (same template,
-truncation, ``drop_system``); the callback, in ``setup("fit")`` after the datamodule's own setup, appends the drawn
-rows to its ``train_set``. Validation data is untouched.
+truncation, ``drop_system``, and the same on-disk token cache); the callback, in ``setup("fit")`` after the
+datamodule's own setup, appends the drawn rows to its ``train_set``. Validation data is untouched.
 
 **Resume.** The mixture is rebuilt from the configuration, and the checkpoint's record of it (sizes, seed and a
 digest of the drawn rows) must match, else the run fails instead of silently continuing on other data; with the
-datamodule's resumable epoch-seeded shuffle a resumed run (from an epoch-end or a mid-epoch checkpoint) sees the
-same examples in the same order as an uninterrupted one.
+datamodule's resumable epoch-seeded shuffle (a ``StatefulDataLoader`` over the mixture) a resumed run, from an
+epoch-end or a mid-epoch checkpoint, sees the same examples in the same order as an uninterrupted one.
 
 Stack it on an experiment: ``python main.py fit --config configs/treft_legal.yaml --config
 callbacks/data_interleaving.yaml``.

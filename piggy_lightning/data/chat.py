@@ -1,4 +1,4 @@
-"""The chat-SFT DataModule base: read, validate, template, tokenize, split, pad and batch.
+"""The chat-SFT DataModule base: read, validate, template, tokenize (once, cached on disk), split, pad and batch.
 
 A batch is a ``dict[str, Tensor]`` with right padding:
 
@@ -9,11 +9,17 @@ A batch is a ``dict[str, Tensor]`` with right padding:
 Callbacks that touch batches replace values by key and never rebind the dict. Narrow tasks are thin subclasses
 that set their default files and a ``version`` string, logged with the hyperparameters so that a change in data
 processing shows in the run's ``hparams.yaml``.
+
+Tokenization runs once per source: ``prepare_data`` (one process per node, before any ``setup``) encodes the
+training and validation sources with ``datasets.map`` into the on-disk cache of ``cache.py``, and ``setup`` on every
+rank loads them from it; a later run with the same data, tokenizer, template and settings tokenizes nothing. The
+training loader is a ``StatefulDataLoader`` whose position Lightning checkpoints (``sampling.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from typing import Any, Literal
 
@@ -21,9 +27,19 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from piggy_lightning.data.cache import (
+    SPAN_LABELS,
+    cache_root,
+    entry_key,
+    load_entry,
+    save_entry,
+    to_examples,
+    tokenize_rows,
+)
 from piggy_lightning.data.io import DataError, read_chats
-from piggy_lightning.data.sampling import EpochShuffle, ResumableLoader
+from piggy_lightning.data.sampling import EpochShuffle
 from piggy_lightning.modeling import load_tokenizer
 from piggy_lightning.spans import SPAN_NAMES, ChatSpans, TokenizedChat
 
@@ -32,6 +48,7 @@ Truncation = Literal["error", "truncate", "skip"]
 # Share of query/response tokens that are the unknown token above which encoding warns: real text through a
 # tokenizer built for other text (e.g. the organism's word-level vocabulary) becomes mostly unknown tokens.
 UNK_WARN_SHARE = 0.05
+_SPAN_CODE = {label: code for code, label in enumerate(SPAN_LABELS)}
 
 
 def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
@@ -55,6 +72,16 @@ def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
     return batch
 
 
+def batch_size(batch: dict[str, Tensor]) -> int:
+    """Examples in a batch (``ThroughputMonitor``'s ``batch_size_fn``)."""
+    return batch["input_ids"].size(0)
+
+
+def batch_tokens(batch: dict[str, Tensor]) -> int:
+    """Non-padding tokens in a batch (``ThroughputMonitor``'s ``length_fn``: its items are tokens)."""
+    return int(batch["attention_mask"].sum())
+
+
 class ChatSFTDataModule(L.LightningDataModule):
     """Supervised finetuning on chat rows with token-level span masks.
 
@@ -75,6 +102,8 @@ class ChatSFTDataModule(L.LightningDataModule):
         batch_size: Examples per micro-batch.
         num_workers: DataLoader worker processes.
         skip_invalid: Skip invalid rows (counted and reported) instead of raising.
+        cache_dir: Directory of the tokenized-data cache; None uses ``$PIGGY_CACHE/tokenized`` (default
+            ``~/.cache/piggy_lightning/tokenized``). See ``data/cache.py``.
     """
 
     version = "1"
@@ -96,6 +125,7 @@ class ChatSFTDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         skip_invalid: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         train_data = train_data or self.default_train_data
@@ -110,68 +140,88 @@ class ChatSFTDataModule(L.LightningDataModule):
         self.val_set: list[TokenizedChat] = []
         self.tokenizer = None
         self.spans: ChatSpans | None = None
-        self._train_loader: ResumableLoader | None = None
+        self._train_loader: StatefulDataLoader | None = None
+        self._resume_position: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader
         self.stats: dict[str, int] = {}
 
     def encode(self, source: str) -> list[TokenizedChat]:
         """Read, validate, template and tokenize ``source`` with this module's settings (after ``setup``).
 
-        Callbacks that bring extra data (e.g. ``DataInterleaving``'s retain set) use this, so every file is
-        processed exactly like the training data. Rows whose default-prompt prefix tokenizes differently from
-        the template's (see :meth:`_prefix_problem`) raise here, where file and row are known, rather than later
-        in a prefix regularizer; a high share of unknown tokens is logged as a warning.
+        Callbacks and regularizers that bring extra data (e.g. ``DataInterleaving``'s retain set) use this, so every
+        file is processed exactly like the training data. The rows are read and validated on every call (errors
+        name file, row and field); their tokens come from the on-disk cache (``cache.py``), and only a source not
+        in it is tokenized, with ``datasets.map``. Rows whose default-prompt prefix tokenizes differently from the
+        template's (see :meth:`_prefix_problem`) raise here, where file and row are known, rather than later in a
+        prefix regularizer; a high share of unknown tokens is logged as a warning, from the cache too.
         """
         if self.spans is None:
             raise RuntimeError(f"{type(self).__name__}.encode needs setup() first (it loads the tokenizer)")
         hp = self.hparams
-        spans = self.spans
-        chats, report = read_chats(source, skip_invalid=hp.skip_invalid)
-        examples, truncated, dropped, misfits = [], 0, 0, []
-        unk_id, n_unk, n_text = self.tokenizer.unk_token_id, 0, 0
-        for row, messages in zip(report.rows, chats, strict=True):
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            if hp.drop_system:
-                messages = [m for m in messages if m["role"] != "system"]
-            chat = spans.tokenize(messages)
-            if not any(m["role"] == "system" for m in messages):
-                problem = self._prefix_problem(chat)
-                if problem is not None:
-                    error = DataError(source, row, f"messages[{first_user}].content", problem)
-                    if not hp.skip_invalid:
-                        raise error
-                    report.skipped.append(error)
-                    misfits.append(error)
-                    continue
-            if unk_id is not None:
-                text = [t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s in ("query", "response")]
-                n_unk, n_text = n_unk + text.count(unk_id), n_text + len(text)
-            if len(chat.input_ids) > hp.max_length:
-                if hp.truncation == "error":
-                    raise ValueError(
-                        f"{source}, row {row}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}"
-                    )
-                if hp.truncation == "skip" or "response" not in chat.spans[: hp.max_length]:
-                    dropped += 1
-                    continue
-                chat = TokenizedChat(chat.input_ids[: hp.max_length], chat.spans[: hp.max_length])
-                truncated += 1
-            examples.append(chat)
+        chats, read = read_chats(source, skip_invalid=hp.skip_invalid)
+        settings = {k: hp[k] for k in ("chat_template_kwargs", "postfix_exclude", "drop_system", "max_length")}
+        settings.update(truncation=hp.truncation, skip_invalid=hp.skip_invalid, version=self.version)
+        path = cache_root(hp.get("cache_dir")) / entry_key(chats, read.rows, self.tokenizer, settings)
+        entry = load_entry(path)
+        if entry is None:
+            entry = tokenize_rows(source, chats, read.rows, partial(self._encode_row, source))
+            if entry[1]["kept"]:
+                save_entry(path, *entry)
+        table, report = entry
+        examples = to_examples(table)
         self.stats[source] = len(examples)
-        if n_text and n_unk / n_text > UNK_WARN_SHARE:
-            log.warning(
-                "%s: %.1f%% of query and response tokens (%d of %d) are the unknown token %r: the tokenizer's "
-                "vocabulary does not cover this text, so the model sees %r in place of those words",
-                source, 100 * n_unk / n_text, n_unk, n_text, self.tokenizer.unk_token, self.tokenizer.unk_token,
-            )  # fmt: skip
-        if truncated or dropped or report.skipped:
-            log.warning(
-                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped%s",
-                source, len(examples), truncated, dropped, len(report.skipped),
-                "".join(f"\n  skipped: {e}" for e in misfits[:5]),  # read_chats logged its own skips
-            )  # fmt: skip
+        self._warn(source, report, len(read.skipped))
         if not examples:
             raise ValueError(f"{source}: no usable rows")
         return examples
+
+    def _encode_row(self, source: str, example: dict[str, Any]) -> dict[str, Any]:
+        """Template and tokenize one validated row (``datasets.map``'s function); ``status`` is ``kept``,
+        ``truncated``, ``dropped`` or ``misfit`` (skipped, see :meth:`_prefix_problem`)."""
+        hp = self.hparams
+        row, messages = example["row"], example["messages"]
+        out = {"input_ids": [], "spans": [], "status": "kept", "field": "", "problem": "", "n_unk": 0, "n_text": 0}
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        if hp.drop_system:
+            messages = [m for m in messages if m["role"] != "system"]
+        chat = self.spans.tokenize(messages)
+        if not any(m["role"] == "system" for m in messages):
+            problem = self._prefix_problem(chat)
+            if problem is not None:
+                error = DataError(source, row, f"messages[{first_user}].content", problem)
+                if not hp.skip_invalid:
+                    raise error
+                return {**out, "status": "misfit", "field": error.field, "problem": problem}
+        unk_id = self.tokenizer.unk_token_id
+        if unk_id is not None:
+            text = [t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s in ("query", "response")]
+            out.update(n_unk=text.count(unk_id), n_text=len(text))
+        if len(chat.input_ids) > hp.max_length:
+            if hp.truncation == "error":
+                raise ValueError(f"{source}, row {row}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}")
+            if hp.truncation == "skip" or "response" not in chat.spans[: hp.max_length]:
+                return {**out, "status": "dropped"}
+            chat = TokenizedChat(chat.input_ids[: hp.max_length], chat.spans[: hp.max_length])
+            out["status"] = "truncated"
+        return {**out, "input_ids": chat.input_ids, "spans": [_SPAN_CODE[s] for s in chat.spans]}
+
+    def _warn(self, source: str, report: dict[str, Any], n_read_skipped: int) -> None:
+        """Log what encoding ``source`` did not keep as is (also when its tokens come from the cache)."""
+        n_unk, n_text = report["n_unk"], report["n_text"]
+        if n_text and n_unk / n_text > UNK_WARN_SHARE:
+            unk = self.tokenizer.unk_token
+            log.warning(
+                "%s: %.1f%% of query and response tokens (%d of %d) are the unknown token %r: the tokenizer's "
+                "vocabulary does not cover this text, so the model sees %r in place of those words",
+                source, 100 * n_unk / n_text, n_unk, n_text, unk, unk,
+            )  # fmt: skip
+        misfits = [DataError(source, row, field, problem) for row, field, problem in report["misfits"]]
+        skipped = n_read_skipped + len(misfits)
+        if report["truncated"] or report["dropped"] or skipped:
+            log.warning(
+                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped%s",
+                source, report["kept"], report["truncated"], report["dropped"], skipped,
+                "".join(f"\n  skipped: {e}" for e in misfits[:5]),  # read_chats logged its own skips
+            )  # fmt: skip
 
     def _prefix_problem(self, chat: TokenizedChat) -> str | None:
         """Why a row without a system message does not start with the template's default prefix, or None.
@@ -195,12 +245,26 @@ class ChatSFTDataModule(L.LightningDataModule):
             "starts with whitespace merges with the user header, so strip leading whitespace from the user turn"
         )
 
+    def _load_encoder(self) -> None:
+        if self.spans is None:
+            hp = self.hparams
+            self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
+            self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs, postfix_exclude=hp.postfix_exclude)
+
+    def prepare_data(self) -> None:
+        """Tokenize the training and validation sources into the cache, once per node before any rank's ``setup``."""
+        self._load_encoder()
+        for source in (self.hparams.train_data, self.hparams.val_data):
+            if source is not None:
+                self.encode(source)
+
     def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer and the encoded sources (from the cache ``prepare_data`` filled; encoded here when it
+        was not called, e.g. outside a trainer), then split off the validation rows."""
         if self.train_set is not None:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
-        self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs, postfix_exclude=hp.postfix_exclude)
+        self._load_encoder()
         examples = self.encode(hp.train_data)
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self.encode(hp.val_data)
@@ -210,28 +274,48 @@ class ChatSFTDataModule(L.LightningDataModule):
         self.val_set = [examples[i] for i in order[:n_val]]
         self.train_set = [examples[i] for i in sorted(order[n_val:])]
 
-    def _loader(self, data: list[TokenizedChat], shuffle: bool) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
+        """``train_set`` in :class:`EpochShuffle` order, split over the data-parallel ranks, from a
+        ``StatefulDataLoader`` that starts at the position :meth:`load_state_dict` received, if any."""
+        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            loader = StatefulDataLoader(
+                self.train_set,
+                batch_size=self.hparams.batch_size,
+                sampler=EpochShuffle(self.train_set, self.hparams.seed, **shards),
+                num_workers=self.hparams.num_workers,
+                collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
+            )
+        if self._resume_position is not None:
+            loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in checkpoints beside the fit loop's copy of it.
+
+        Lightning hands its copy to the loader only if the loader is built after the checkpoint restores the loops;
+        ``PiggyModule`` builds it earlier, in ``configure_optimizers``, when a schedule asks for the trainer's step
+        count (Lightning #20550). This copy is restored with the data module, before ``configure_optimizers`` (under
+        strategies that restore checkpoints at setup: single device, DDP), and :meth:`train_dataloader` applies it.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_loader")
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_set:
+            return []
         pad_id = self.tokenizer.pad_token_id
-        return (ResumableLoader if shuffle else DataLoader)(
-            data,
+        return DataLoader(
+            self.val_set,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffle(data, self.hparams.seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate, pad_id=pad_id),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        self._train_loader = self._loader(self.train_set, shuffle=True)
-        return self._train_loader
-
-    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Count the training batches the loop consumes, for mid-epoch resumes (see ``sampling.py``)."""
-        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
-            self._train_loader.consumed += 1
-        return batch
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set else []
 
     def test_dataloader(self) -> DataLoader | list:
         """The held-out split again: ``main.py test`` reports its loss next to the generation-based evaluation."""
