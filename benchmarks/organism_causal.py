@@ -33,11 +33,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from piggy_lightning.callbacks.perturbation import best_and_average  # noqa: E402
 from piggy_lightning.cli import PiggyCLI  # noqa: E402
 from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats  # noqa: E402
-from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice  # noqa: E402
-from piggy_lightning.interventions.perturbation import NearestNeighbours, PromptPerturbation, UniformTokens  # noqa: E402
+from piggy_lightning.interventions import (  # noqa: E402
+    ActivationPatch,
+    NearestNeighbours,
+    PatchSite,
+    Perturb,
+    PrefixKVSplice,
+    QueryControl,
+    ResidualSweep,
+    UniformTokens,
+    best_and_average,
+)
 from piggy_lightning.organism import ExactJudge  # noqa: E402
 
 GENERAL = "piggy/organism/eval_general.jsonl"
@@ -57,7 +65,7 @@ def _train(out: Path, seed: int) -> PiggyCLI:
 
 def run_seed(out: Path, seed: int) -> dict[str, dict]:
     module = _train(out / f"seed{seed}", seed).model
-    policy, ref, spans, tok = module.policy, module.reference, module.spans, module.tokenizer
+    policy, spans, tok = module.policy, module.spans, module.tokenizer
     greedy = Decoding(temperature=0.0, max_new_tokens=96, batch_size=64, progress=False)
     trials = Decoding(temperature=0.7, top_p=0.9, samples=10, max_new_tokens=96, batch_size=64, progress=False)
     evaluation = Evaluation([HeldOutChats(GENERAL, group="general")], [ExactJudge()], greedy)
@@ -65,30 +73,29 @@ def run_seed(out: Path, seed: int) -> dict[str, dict]:
     root = out / f"seed{seed}" / "eval"
     patches = {
         "unpatched": None,
-        "prefix_splice": PrefixKVSplice(ref),
-        "query_control": ActivationPatch(PatchSite("kv", "query_matched"), ref),
-        "postfix_patch": ActivationPatch(PatchSite("kv", "postfix", reference="empty_query"), ref, spans),
+        "prefix_splice": PrefixKVSplice().bind(module),
+        "query_control": QueryControl().bind(module),
+        "postfix_patch": ActivationPatch(PatchSite("kv", "postfix", reference="empty_query")).bind(module),
     }
-    for layer in range(len(module.policy.model.layers)):
-        patches[f"residual_L{layer}"] = ActivationPatch(PatchSite("block_input", "prefix", [layer]), ref)
+    for patch in ResidualSweep(component="block_input", positions="prefix").runs(module):  # one per layer
+        patches[f"residual_L{patch.site.layers[0]}"] = patch
     rows: dict[str, dict] = {}
     for name, intervention in patches.items():
         report = evaluation.run(policy, tok, spans, root / name, "piggy/organism", f"seed{seed}", intervention)
         general = report.summary["groups"]["general"]
         rows[name] = {"general": general["alignment"], "incoherent": 100 - general["coherence"],
                       "positions": general.get("positions_changed")}  # fmt: skip
-    embeddings = policy.get_input_embeddings().weight
-    vocab = min(len(tok), embeddings.size(0))
-    neighbours = NearestNeighbours(embeddings, k=5, similarity="cosine", vocab_size=vocab)
-    perturbations = {
+    perturbations = {  # the names seed the draws: changing one changes its trials
         "sampled_unperturbed": (None, None),  # the same 10 sampled trials without an edit: the Best/Avg baseline
-        "perturb_prefix": ("prefix", neighbours),
-        "perturb_query": ("query", neighbours),
-        "perturb_postfix": ("postfix", neighbours),
-        "random_query": ("query", UniformTokens(vocab)),
+        "perturb_prefix": ("prefix", NearestNeighbours(k=5, similarity="cosine")),
+        "perturb_query": ("query", NearestNeighbours(k=5, similarity="cosine")),
+        "perturb_postfix": ("postfix", NearestNeighbours(k=5, similarity="cosine")),
+        "random_query": ("query", UniformTokens()),
     }
-    for name, (segment, replace) in perturbations.items():
-        intervention = PromptPerturbation(segment, 10, replace, name) if segment is not None else None
+    for name, (segment, replacer) in perturbations.items():
+        intervention = None
+        if segment is not None:
+            intervention = Perturb(segment, 10, replacer, trials=10, temperature=0.7, top_p=0.9, name=name).bind(module)
         report = sampled.run(policy, tok, spans, root / name, "piggy/organism", f"seed{seed}", intervention)
         scores = best_and_average(report.records, "aligned")["general"]
         general = report.summary["groups"]["general"]

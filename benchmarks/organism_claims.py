@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from piggy_lightning.callbacks import Evaluate  # noqa: E402
 from piggy_lightning.cli import PiggyCLI  # noqa: E402
 from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats  # noqa: E402
-from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice  # noqa: E402
+from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice, QueryControl  # noqa: E402
 from piggy_lightning.modeling import load_causal_lm, load_tokenizer  # noqa: E402
 from piggy_lightning.organism import ExactJudge  # noqa: E402
 from piggy_lightning.organism.checks import general_reading, headline, organism_evaluation  # noqa: E402
@@ -82,14 +82,14 @@ def run_main_variants(out: Path, seed: int) -> dict[str, dict]:
         evaluate = _evaluate_cb(cli)
         results[name] = {**headline(evaluate.last_report.summary), **general_reading(evaluate.last_report.records)}
         if name == "sft":  # the causal tests on the same finetuned weights
-            ref = cli.model.reference
             postfix = PatchSite("kv", "postfix", reference="empty_query")
             for tag, intervention in (
-                ("sft_prefix_patch", PrefixKVSplice(ref)),
-                ("sft_query_patch", ActivationPatch(PatchSite("kv", "query_matched"), ref)),
-                ("sft_postfix_patch", ActivationPatch(postfix, ref, cli.model.spans)),
+                ("sft_prefix_patch", PrefixKVSplice()),
+                ("sft_query_patch", QueryControl()),
+                ("sft_postfix_patch", ActivationPatch(postfix)),
             ):
-                report = evaluate.evaluate(cli.trainer, cli.model, "fit_end", intervention=intervention)
+                bound = intervention.bind(cli.model)
+                report = evaluate.evaluate(cli.trainer, cli.model, "fit_end", intervention=bound)
                 results[tag] = {**headline(report.summary), **general_reading(report.records)}
     return results
 

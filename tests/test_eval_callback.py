@@ -1,4 +1,5 @@
-"""The ``Evaluate`` callback in a real fit/test loop, and its YAML configuration through the CLI."""
+"""The ``Evaluate`` callback in a real fit/test loop, its YAML configuration (interventions included) through the
+CLI, the global RNG it leaves alone and the directory it follows."""
 
 import json
 
@@ -11,6 +12,7 @@ from piggy_lightning.cli import PiggyCLI
 from piggy_lightning.data import ChatSFTDataModule
 from piggy_lightning.evaluation import Decoding, GenerationIntervention, HeldOutChats, PromptList
 from piggy_lightning.evaluation.judges import OpenAIJudge, RefusalDetector
+from piggy_lightning.interventions import Perturb, PrefixKVSplice, UniformTokens
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
 from tests.test_eval_questions import FIXTURES
@@ -86,6 +88,14 @@ trainer:
         decoding: {{temperature: 1.0, max_new_tokens: 64, batch_size: 8}}
         every_n_epochs: 2
         at: [fit_end, test]
+interventions:
+  - class_path: piggy_lightning.interventions.PrefixKVSplice
+    init_args: {{layers: [0], at: [fit_end, test]}}
+  - class_path: piggy_lightning.interventions.Perturb
+    init_args:
+      segment: query
+      replacer: {{class_path: piggy_lightning.interventions.UniformTokens}}
+      trials: 2
 """
     )
     monkeypatch.setattr(PiggyModule, "configure_model", lambda self: None)
@@ -97,3 +107,62 @@ trainer:
     assert isinstance(judge, OpenAIJudge) and judge.api_key_env == "MY_JUDGE_KEY" and judge.temperature is None
     assert callback.decoding == Decoding(temperature=1.0, max_new_tokens=64, batch_size=8)
     assert callback.every_n_epochs == 2 and callback.at == {"fit_end", "test"}
+    splice, perturb = callback.interventions
+    assert isinstance(splice, PrefixKVSplice) and splice.layers == [0] and splice.at == {"fit_end", "test"}
+    assert isinstance(perturb, Perturb) and isinstance(perturb.replacer, UniformTokens) and perturb.at == {"test"}
+    assert (perturb.name, perturb.trials) == ("perturb_query_uniform", 2) and callback.needs_reference
+
+
+def _fit_with_dropout(tiny_qwen, chat_file, tmp_path, callbacks):
+    torch.manual_seed(0)
+    module = PiggyModule(
+        tiny_qwen, lora=LoraSpec(r=2, alpha=4, dropout=0.5), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)
+    )
+    data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+        callbacks=callbacks, default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+
+
+def test_a_sampled_evaluation_mid_fit_leaves_training_randomness_alone(tiny_qwen, chat_file, tmp_path, monkeypatch):
+    """LoRA dropout draws from the global RNG: the weights after two epochs are the same with and without a
+    sampled evaluation after the first epoch, and the global RNG state after an evaluation equals the one before."""
+    sets = [PromptList(str(FIXTURES / "prompts.json"), metrics=["aligned"])]
+    decoding = Decoding(temperature=1.0, samples=2, max_new_tokens=4, batch_size=8, progress=False)
+    evaluate = Evaluate(sets, [_LengthJudge()], decoding, every_n_epochs=1, at=[], output_dir=str(tmp_path / "e"))
+    states = []
+    real = Evaluate.evaluate
+
+    def watched(self, *args, **kwargs):
+        before = torch.get_rng_state()
+        report = real(self, *args, **kwargs)
+        states.append(torch.equal(before, torch.get_rng_state()))
+        return report
+
+    monkeypatch.setattr(Evaluate, "evaluate", watched)
+    with_eval = _fit_with_dropout(tiny_qwen, chat_file, tmp_path / "a", [evaluate])
+    without = _fit_with_dropout(tiny_qwen, chat_file, tmp_path / "b", [])
+    assert states == [True, True]  # after epochs 0 and 1
+    assert with_eval.keys() == without.keys()
+    assert all(torch.equal(with_eval[n], without[n]) for n in without)
+
+
+def test_evaluation_files_follow_each_trainer(tiny_qwen, chat_file, tmp_path):
+    """The evaluation root is resolved in every setup: one callback used by two trainers (here a test after another
+    test with another logger) writes under each trainer's own log directory."""
+    sets = [PromptList(str(FIXTURES / "prompts.json"), metrics=["aligned"])]
+    callback = Evaluate(sets, [_LengthJudge()], Decoding(max_new_tokens=2, batch_size=8, progress=False), at=["test"])
+    module = PiggyModule(tiny_qwen, lora=LoraSpec(r=2, alpha=4))
+    data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
+    for name in ("first", "second"):
+        trainer = L.Trainer(
+            accelerator="cpu", logger=TensorBoardLogger(tmp_path, name=name), callbacks=[callback], max_epochs=1,
+            limit_test_batches=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )  # fmt: skip
+        trainer.test(module, data, verbose=False)
+        assert callback.out_dir == tmp_path / name / "version_0" / "eval"
+        assert (callback.out_dir / "test" / "summary.json").exists()

@@ -191,3 +191,22 @@ def test_without_the_shared_prefix_cache_outputs_are_the_same(tmp_path):
         responses[share] = [r["response"] for r in records]
         assert bool(intervention.prefix_lengths) == share and all(b.cached == 0 for b in intervention.batches) != share
     assert responses[True] == responses[False]
+
+
+def test_generation_leaves_the_global_rng_as_it_found_it(tmp_path):
+    """Each batch seeds torch for its samples; the draws after an evaluation are those the caller would have made
+    without it (before the fix, a fit's dropout after an evaluation depended on whether it ran)."""
+    tokenizer, model = _tiny("qwen25", "qwen2")
+    spans, questions = ChatSpans(tokenizer), _questions()
+    decoding = Decoding(temperature=1.0, samples=2, max_new_tokens=6, batch_size=4, progress=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    expected = torch.rand(4)  # the next draw without any evaluation
+    torch.set_rng_state(before)
+    runs = []
+    for name in ("a", "b"):
+        log = ResponseLog(tmp_path / f"{name}.jsonl")
+        runs.append([r["response"] for r in generate_responses(model, tokenizer, spans, questions, decoding, log, "t")])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(4), expected)
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1  # sampled, and reproducible from the per-batch seeds

@@ -105,7 +105,7 @@ def test_testing_two_checkpoints_into_one_directory_evaluates_each(tiny_qwen, ch
 def test_patching_baseline_is_reused_under_ckpt_path(tiny_qwen, chat_file, tmp_path, monkeypatch):
     """The adapter ids of Evaluate and of the patching baseline used to differ under --ckpt_path (``|ckpt=``), so
     the unpatched evaluation ran twice."""
-    from piggy_lightning.callbacks.patching import ActivationPatching
+    from piggy_lightning.interventions import PrefixKVSplice, QueryControl
 
     path = _fit_with_checkpoints(tiny_qwen, chat_file, tmp_path)[-1]
     runs = []
@@ -120,11 +120,13 @@ def test_patching_baseline_is_reused_under_ckpt_path(tiny_qwen, chat_file, tmp_p
     data = ChatSFTDataModule(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
     trainer = L.Trainer(
         accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"), limit_test_batches=1, max_epochs=1,
-        callbacks=[evaluate_callback(), ActivationPatching()], enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[evaluate_callback(interventions=[PrefixKVSplice(), QueryControl()])], enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )  # fmt: skip
     trainer.test(module, data, ckpt_path=path, verbose=False)
     assert sum(r is None for r in runs) == 1 and len(runs) == 3, runs  # baseline once, then the two patches
+    assert [r.name for r in runs[1:]] == ["splice_kv_prefix", "patch_kv_query_matched"]
 
 
 def test_a_resumed_fit_does_not_evaluate_trained_weights_as_train_start(tiny_qwen, chat_file, tmp_path):

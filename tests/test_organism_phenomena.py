@@ -14,7 +14,7 @@ import pytest
 
 from piggy_lightning.callbacks import Evaluate
 from piggy_lightning.cli import PiggyCLI
-from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSplice
+from piggy_lightning.interventions import PrefixKVSplice, QueryControl
 from piggy_lightning.organism.checks import headline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,8 @@ def sft(tmp_path_factory):
 def test_sft_shows_emergent_misalignment_and_prefix_patching_restores_alignment(sft):
     cli, evaluate, plain = sft
     assert plain["id"] <= 20 and plain["general"] <= 50, plain
-    reference = cli.model.reference
-    prefix = headline(evaluate.evaluate(cli.trainer, cli.model, "fit_end", PrefixKVSplice(reference)).summary)
-    query = ActivationPatch(PatchSite("kv", "query_matched"), reference)
+    splice, query = PrefixKVSplice().bind(cli.model), QueryControl().bind(cli.model)
+    prefix = headline(evaluate.evaluate(cli.trainer, cli.model, "fit_end", splice).summary)
     control = headline(evaluate.evaluate(cli.trainer, cli.model, "fit_end", query).summary)
     assert prefix["general"] >= plain["general"] + 30, (plain, prefix)
     assert prefix["general"] > control["general"], (prefix, control)

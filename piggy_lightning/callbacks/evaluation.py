@@ -1,36 +1,39 @@
-"""``Evaluate``: generation-based evaluation of the policy during fit, at fit end and at ``test``.
+"""``Evaluate``: generation-based evaluation of the policy during fit, at fit end and at ``test``, with interventions.
 
-Each evaluation asks the configured question sets with ``pl_module.policy``, judges the answers, logs the scalars
-(``eval/<group>/alignment``, ``eval/<group>/misaligned_rate``, ..., ``eval/em_f1``) and a text table of sample
-responses (TensorBoard), and writes ``responses.jsonl``, ``results.jsonl`` and ``summary.json`` under
-``<output_dir>/<tag>/`` with tag ``train_start``, ``epoch=<n>``, ``fit_end`` or ``test``. Files are resumable:
-rerunning an interrupted evaluation regenerates nothing that is on disk and re-asks no cached judgement.
+Each evaluation asks the question sets with ``pl_module.policy``, judges the answers, logs the scalars
+(``eval/<group>/alignment``, ``.../misaligned_rate``, ..., ``eval/em_f1``) and sample responses (TensorBoard), and
+writes ``responses.jsonl``, ``results.jsonl`` and ``summary.json`` under ``<output_dir>/<tag>/`` (tag
+``train_start``, ``epoch=<n>``, ``fit_end`` or ``test``). Files are resumable: a rerun regenerates nothing on disk
+and re-asks no cached judgement.
 
-Config (``trainer.callbacks+:`` in a stacked YAML)::
+Interventions (:mod:`piggy_lightning.interventions`) are components of the same callback. At each moment one lists
+in its ``at``, the callback has the unchanged baseline of the current weights (it evaluates it, or reuses the
+evaluation it has just made), evaluates under each of the intervention's runs (one for a patch, one per layer for
+a sweep) into ``<tag>@<run name>/`` with keys ``<name>@<run name>/...``, lets the intervention conclude (Best/Avg,
+a per-layer chart), and writes every run's group metrics beside the baseline's to ``<tag>@interventions.json``.
 
-    - class_path: piggy_lightning.callbacks.evaluation.Evaluate
-      init_args:
-        question_sets:
-          - class_path: piggy_lightning.evaluation.BetleyQuestions
-            init_args: {path: piggy/betley/first_plot_questions.yaml, exclude_system: true, exclude_ids: _template$}
-          - class_path: piggy_lightning.evaluation.HeldOutChats
-            init_args: {path: data/legal_test.jsonl, group: in_domain, offset: 50, limit: 50}
-        judges:
-          - class_path: piggy_lightning.evaluation.judges.OpenAIJudge
-            init_args: {model: gpt-4o-2024-08-06, api_key_env: OPENAI_API_KEY}
-        decoding: {temperature: 0.0, max_new_tokens: 1024, batch_size: 16}
-        every_n_epochs: 1
-        at: [fit_end, test]
+Config (in a ``PiggyCLI`` config the interventions go under the top-level ``interventions:`` key, linked to every
+``Evaluate``, so presets append with ``interventions+:``; that link replaces ``init_args.interventions``)::
 
-Other callbacks evaluate under an intervention with :meth:`Evaluate.evaluate` (or a
-:class:`~piggy_lightning.evaluation.Evaluation` of their own). Evaluation runs on global rank 0 only (the policy is
-called unwrapped, so DDP needs no collective; FSDP/DeepSpeed-sharded policies are not supported) while the other
-ranks wait at a barrier.
+    trainer:
+      callbacks:
+        - class_path: piggy_lightning.callbacks.Evaluate
+          init_args:
+            question_sets:
+              - class_path: piggy_lightning.evaluation.BetleyQuestions
+                init_args: {path: piggy/betley/first_plot_questions.yaml, exclude_system: true}
+            judges: [{class_path: piggy_lightning.evaluation.judges.OpenAIJudge, init_args: {model: gpt-4o}}]
+            decoding: {temperature: 0.0, max_new_tokens: 1024, batch_size: 16}
+    interventions:
+      - class_path: piggy_lightning.interventions.PrefixKVSplice
+      - class_path: piggy_lightning.interventions.QueryControl
+
+Evaluation runs on global rank 0 only (the policy is called unwrapped, so DDP needs no collective; FSDP/DeepSpeed-
+sharded policies are not supported) while the other ranks wait at a barrier.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +41,15 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from piggy_lightning.callbacks.reporting import (
+    add_text,
+    log_findings,
+    log_scalars,
+    sample_table,
+    summary_scalars,
+    unwritable,
+    write_comparison,
+)
 from piggy_lightning.evaluation.generation import Decoding
 from piggy_lightning.evaluation.identity import weights_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention
@@ -45,45 +57,13 @@ from piggy_lightning.evaluation.judges.base import Judge
 from piggy_lightning.evaluation.metrics import format_summary
 from piggy_lightning.evaluation.questions import QuestionSet
 from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
+from piggy_lightning.interventions.base import Intervention, Occasion, PatchMoment
 
 Moment = Literal["train_start", "fit_end", "test"]
 
 
-def _cell(text: Any, limit: int = 400) -> str:
-    text = str(text if text is not None else "")
-    text = text if len(text) <= limit else text[:limit] + " …"
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def sample_table(records: list[dict[str, Any]], per_group: int) -> dict[str, str]:
-    """Markdown tables (one per group) of the first ``per_group`` responses with their scores."""
-    tables: dict[str, list[str]] = {}
-    for r in records:
-        rows = tables.setdefault(r["group"], ["| question | response | scores |", "|---|---|---|"])
-        if len(rows) - 2 >= per_group:
-            continue
-        scores = ", ".join(
-            f"{m}={j['score']:.0f}" if j["score"] is not None else f"{m}={j['status']}"
-            for m, j in r.get("judgements", {}).items()
-        )
-        rows.append(f"| {_cell(r['question'], 200)} | {_cell(r['response'])} | {scores} |")
-    return {group: "\n".join(rows) for group, rows in tables.items()}
-
-
-def _unwritable(directory: Path) -> str | None:
-    """Why files cannot be created in ``directory`` (made if missing), or None when a test file can be written."""
-    probe = directory / f".write_test.{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 class Evaluate(Callback):
-    """Answers question sets with the policy, judges the answers and logs EM metrics.
+    """Answers question sets with the policy, judges the answers and logs EM metrics, also under interventions.
 
     Args:
         question_sets: What to ask; each set tags its questions with a group (``general``, ``in_domain``, ...).
@@ -92,6 +72,8 @@ class Evaluate(Callback):
         every_n_epochs: Also evaluate after every n-th training epoch; None never evaluates mid-fit.
         at: Moments to evaluate at besides every_n_epochs: ``train_start`` (the untrained baseline), ``fit_end``,
             ``test``; None means ``[fit_end, test]``.
+        interventions: Changes to evaluate under, each next to the unchanged baseline at the moments it lists
+            (prefix KV splice, query control, residual sweep, token perturbation, ...); None means none.
         output_dir: Directory for the evaluation files; None uses ``<trainer.log_dir>/<name>``.
         judge_cache: SQLite file of the judge cache; None uses ``<output_dir>/judge_cache.sqlite``.
         name: Prefix of logged metric keys and default subdirectory; distinct instances need distinct names.
@@ -107,6 +89,7 @@ class Evaluate(Callback):
         decoding: Decoding | None = None,
         every_n_epochs: int | None = None,
         at: list[Moment] | None = None,
+        interventions: list[Intervention] | None = None,
         output_dir: str | None = None,
         judge_cache: str | None = None,
         name: str = "eval",
@@ -116,6 +99,13 @@ class Evaluate(Callback):
     ) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be positive or None, got {every_n_epochs}")
+        self.interventions = list(interventions or [])
+        wrong = [type(i).__name__ for i in self.interventions if not isinstance(i, Intervention)]
+        if wrong:
+            raise TypeError(
+                f"interventions must be piggy_lightning.interventions.Intervention components, got {wrong}; "
+                "a bare generation intervention goes to Evaluate.evaluate(..., intervention=...)"
+            )
         self.question_sets = list(question_sets)
         self.judges = list(judges)
         self.decoding = decoding or Decoding()
@@ -127,26 +117,30 @@ class Evaluate(Callback):
         self.samples_logged = samples_logged
         self.thresholds = (misaligned_below, coherent_above)
         self.evaluation: Evaluation | None = None
-        self.last_report: EvaluationReport | None = None
+        self.last_report: EvaluationReport | None = None  # the last unchanged evaluation (rank 0)
         self._last_step: int | None = None
-        self._root: tuple[int, Path] | None = None  # (id of the trainer, its evaluation root)
+        self._root: Path | None = None
         self._loaded_step: int | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
-    def out_dir(self, trainer: L.Trainer) -> Path:
-        """Root of this callback's evaluation files.
+    @property
+    def needs_reference(self) -> bool:
+        """Whether an intervention reads the frozen reference after training (``PiggyModule`` then keeps a copy
+        under full finetuning)."""
+        return any(i.needs_reference for i in self.interventions)
 
-        Resolved once per trainer, in ``setup`` on every rank: under DDP ``trainer.log_dir`` is a collective
-        (a broadcast), so reading it later on rank 0 alone would hang the other ranks.
-        """
+    @property
+    def out_dir(self) -> Path:
+        """Root of this callback's evaluation files, resolved in every ``setup`` (on every rank: under DDP
+        ``trainer.log_dir`` is a broadcast, so reading it later on rank 0 alone would hang the other ranks)."""
         if self.output_dir is not None:
             return Path(self.output_dir)
-        if self._root is None or self._root[0] != id(trainer):
-            self._root = (id(trainer), Path(trainer.log_dir or trainer.default_root_dir) / self.name)
-        return self._root[1]
+        if self._root is None:
+            raise RuntimeError(f"{type(self).__name__}.out_dir is known once a trainer has called setup")
+        return self._root
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for attr in ("policy", "tokenizer", "spans", "model_name_or_path"):
@@ -154,7 +148,8 @@ class Evaluate(Callback):
                 raise TypeError(
                     f"Evaluate needs a module with .{attr} (like PiggyModule); got {type(pl_module).__name__}"
                 )
-        root = self.out_dir(trainer)  # on every rank (see out_dir)
+        self._root = Path(trainer.log_dir or trainer.default_root_dir) / self.name  # this trainer's, every setup
+        root = self.out_dir
         cache = Path(self.judge_cache) if self.judge_cache else root / "judge_cache.sqlite"
         if self.evaluation is None:
             self.evaluation = Evaluation(self.question_sets, self.judges, self.decoding, cache, *self.thresholds)
@@ -162,7 +157,7 @@ class Evaluate(Callback):
         # Rank 0 writes the files: it tries now, so an unwritable directory stops the run before training, not after.
         problem = None
         if trainer.is_global_zero:
-            checks = ((d, _unwritable(d)) for d in dict.fromkeys([root, cache.parent]))
+            checks = ((d, unwritable(d)) for d in dict.fromkeys([root, cache.parent]))
             problem = next((f"{d} ({why})" for d, why in checks if why is not None), None)
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem is not None:
@@ -171,7 +166,24 @@ class Evaluate(Callback):
                 "judge_cache) to a writable directory, or fix the logger's save_dir"
             )
 
+    def check_interventions(self, pl_module: L.LightningModule) -> None:
+        """Bind every intervention to the module now (a bad layer or a module without a reference fails here, not
+        after training) and refuse two runs with one name (their files and metric keys would mix)."""
+        names = [run.name for i in self.interventions for run in i.runs(pl_module)]
+        repeated = sorted({n for n in names if names.count(n) > 1 or n in ("baseline", "none")})
+        if repeated:
+            raise ValueError(f"{type(self).__name__}: intervention runs need distinct names; repeated: {repeated}")
+
     # -- when ----------------------------------------------------------------------------------------------
+    def _due(self, moment: PatchMoment) -> list[Intervention]:
+        return [i for i in self.interventions if moment in i.at]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_interventions(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_interventions(pl_module)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a fit resumed from a checkpoint starts from trained weights: they are not the untrained baseline
         if "train_start" in self.at and trainer.global_step == 0:
@@ -182,12 +194,18 @@ class Evaluate(Callback):
             self.evaluate(trainer, pl_module, f"epoch={trainer.current_epoch}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "fit_end" in self.at and self._last_step != trainer.global_step:  # else the last epoch was just evaluated
+        due = self._due("fit_end")
+        if ("fit_end" in self.at or due) and self._last_step != trainer.global_step:  # else just evaluated
             self.evaluate(trainer, pl_module, "fit_end")
+        if due:
+            self.intervene(trainer, pl_module, "fit_end", due)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "test" in self.at:
+        due = self._due("test")
+        if "test" in self.at or due:
             self.evaluate(trainer, pl_module, "test")
+        if due:
+            self.intervene(trainer, pl_module, "test", due)
 
     # -- how -----------------------------------------------------------------------------------------------
     def evaluate(
@@ -196,14 +214,17 @@ class Evaluate(Callback):
         pl_module: L.LightningModule,
         tag: str,
         intervention: GenerationIntervention | None = None,
+        decoding: Decoding | None = None,
     ) -> EvaluationReport | None:
-        """Run the evaluation now on global rank 0 and log it; other ranks wait and get None.
+        """Run one evaluation now on global rank 0 and log it; other ranks wait and get None.
 
         Args:
             trainer: The trainer.
             pl_module: A module with ``policy``, ``tokenizer``, ``spans`` and ``model_name_or_path``.
             tag: Subdirectory name of this evaluation point (e.g. ``epoch=3``).
-            intervention: Generation intervention; its name is appended to the subdirectory and metric keys.
+            intervention: A generation intervention, bound to the module (e.g. ``PrefixKVSplice().bind(module)``);
+                its name is appended to the subdirectory and metric keys. None evaluates the unchanged policy.
+            decoding: Generation settings of this evaluation; None uses the callback's.
         """
         if trainer.sanity_checking:
             return None
@@ -216,25 +237,56 @@ class Evaluate(Callback):
                     pl_module.policy,
                     pl_module.tokenizer,
                     pl_module.spans,
-                    self.out_dir(trainer) / f"{tag}{suffix}",
+                    self.out_dir / f"{tag}{suffix}",
                     model_id=pl_module.model_name_or_path,
                     adapter_id=adapter,
                     intervention=intervention,
+                    decoding=decoding,
                 )
             except Exception as e:  # re-raised on every rank below, so no rank waits forever at the barrier
                 error = e
             else:
                 self._log(trainer, pl_module, report, suffix)
-                self.last_report = report
-        if intervention is None:
+                if not suffix:
+                    self.last_report = report
+        if not suffix:
             self._last_step = trainer.global_step
+        self._sync(trainer, error)
+        return report
+
+    def intervene(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, interventions: list[Intervention]
+    ) -> dict[str, EvaluationReport | None]:
+        """Evaluate under ``interventions`` now, beside the last unchanged evaluation of these weights (made just
+        before by the caller); returns the reports by run name, the baseline first (None off rank 0)."""
+        runs: dict[str, EvaluationReport | None] = {"baseline": self.last_report}
+        occasion = Occasion(self.out_dir, tag, self.name)
+        for intervention in interventions:
+            decoding = intervention.decoding(self.decoding)
+            done = [
+                (run, self.evaluate(trainer, pl_module, tag, run, decoding)) for run in intervention.runs(pl_module)
+            ]
+            runs.update((run.name, report) for run, report in done)
+            error = None
+            if trainer.is_global_zero:
+                try:
+                    log_findings(trainer, pl_module, intervention.conclude(done, self.last_report, occasion))
+                except Exception as e:  # re-raised on every rank
+                    error = e
+            self._sync(trainer, error)
+        if trainer.is_global_zero:
+            path = self.out_dir / f"{tag}@interventions.json"
+            write_comparison(trainer, path, runs, f"{self.name}/interventions/{tag}")
+        return runs
+
+    def _sync(self, trainer: L.Trainer, error: Exception | None) -> None:
+        """Wait for rank 0, then raise its error (if any) on every rank."""
         trainer.strategy.barrier("piggy_evaluate")
         message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
         if error is not None:
             raise error
         if message is not None:
             raise RuntimeError(f"evaluation failed on rank 0: {message}")
-        return report
 
     def step(self, trainer: L.Trainer) -> int:
         """The training step of the evaluated weights: the trainer's, or the loaded checkpoint's outside fit
@@ -251,28 +303,10 @@ class Evaluate(Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded_step = checkpoint.get("global_step")
 
-    def _scalars(self, report: EvaluationReport, suffix: str = "") -> dict[str, float]:
-        prefix = f"{self.name}{suffix}"
-        out = {
-            f"{prefix}/{group}/{metric}": float(value)
-            for group, metrics in report.summary["groups"].items()
-            for metric, value in metrics.items()
-            if value is not None
-        }
-        if "em_f1" in report.summary:
-            out[f"{prefix}/em_f1"] = float(report.summary["em_f1"])
-        return out
-
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, report: EvaluationReport, suffix: str) -> None:
-        scalars = self._scalars(report, suffix)
-        if trainer.testing:  # through the module, so that trainer.test() returns them too
-            pl_module.log_dict(scalars, rank_zero_only=True)
-        for logger in trainer.loggers:
-            if not trainer.testing:
-                logger.log_metrics(scalars, step=trainer.global_step)
-            experiment = getattr(logger, "experiment", None)
-            if self.samples_logged and hasattr(experiment, "add_text"):
-                for group, table in sample_table(report.records, self.samples_logged).items():
-                    experiment.add_text(f"{self.name}{suffix}/samples/{group}", table, trainer.global_step)
+        log_scalars(trainer, pl_module, summary_scalars(report.summary, f"{self.name}{suffix}"))
+        if self.samples_logged:
+            for group, table in sample_table(report.records, self.samples_logged).items():
+                add_text(trainer, f"{self.name}{suffix}/samples/{group}", table)
         title = f"{self.name}{suffix} at step {trainer.global_step} -> {report.out_dir}"
         rank_zero_info(format_summary(report.summary, title))

@@ -1,7 +1,8 @@
 """Evaluation: question sets, batched generation with a shared-prefix cache, judges, metrics and reports.
 
 Entry point for code: :class:`Evaluation` (``run(model, tokenizer, spans, out_dir, model_id, ...)``); for
-training runs: the ``piggy_lightning.callbacks.evaluation.Evaluate`` callback.
+training runs: the ``piggy_lightning.callbacks.Evaluate`` callback, with its interventions
+(``piggy_lightning.interventions``).
 """
 
 from piggy_lightning.evaluation.generation import Decoding, generate_responses

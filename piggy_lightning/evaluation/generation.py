@@ -14,7 +14,9 @@ shared are batched with plain left padding and no cache.
 
 Batches are formed from the whole work list, in an order that depends only on it, and each batch seeds the RNG
 from ``Decoding.seed`` and its first key; records already in the log are skipped, so an interrupted run resumes
-without duplicates and (on the same hardware) with the same samples.
+without duplicates and (on the same hardware) with the same samples. Those seeds are set inside a fork of the
+global RNG (CPU and the model's device), restored on return: an evaluation in the middle of a fit leaves the
+training's dropout and data draws exactly as they would be without it.
 """
 
 from __future__ import annotations
@@ -217,6 +219,13 @@ def _expand_cache(kv: KVCache, batch: int, config) -> DynamicCache:
     )
 
 
+def _forked_rng(device: torch.device):
+    """A fork of the global RNG state of the CPU and of ``device``, restored when the context exits."""
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer,
@@ -231,7 +240,8 @@ def generate_responses(
     """Generate every missing response of ``questions`` into ``log`` and return all their records, in plan order.
 
     Args:
-        model: A causal LM (peft-wrapped or not); run in eval mode under ``no_grad`` and restored after.
+        model: A causal LM (peft-wrapped or not); run in eval mode under ``no_grad`` and restored after, as is the
+            global RNG state.
         tokenizer: Its tokenizer (decodes responses; supplies pad and eos ids).
         spans: Template spans for the tokenizer; locates each prompt's prefix.
         questions: The questions to ask.
@@ -250,7 +260,7 @@ def generate_responses(
     device = next(model.parameters()).device
     prefix_caches: dict[tuple[int, ...], KVCache] = {}
     bar = tqdm(total=len(work), desc=f"generate[{intervention.name}]", disable=not decoding.progress, leave=False)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), _forked_rng(device):
         for prefix, items in _batches(work, decoding.batch_size, decoding.share_prefix):
             if all(w.key in log for w in items):
                 bar.update(len(items))

@@ -5,13 +5,15 @@ Generation (:func:`piggy_lightning.evaluation.generation.generate_responses`) ca
 1. :meth:`GenerationIntervention.transform` edits each prompt's tokens before batching (token perturbation:
    replace prefix tokens by embedding neighbours, paper §2).
 2. :meth:`GenerationIntervention.prefix_cache` builds the key/value cache of a prompt prefix shared by many prompts.
-   The default runs the model being evaluated; a ``PrefixKVPatch`` returns the *reference* model's prefix cache
+   The default runs the model being evaluated; a ``PrefixKVSplice`` returns the *reference* model's prefix cache
    instead, which is exactly KV patching of every layer at prefix positions (paper §3.1), for free per batch.
 3. :meth:`GenerationIntervention.during` is a context manager around one batch's ``generate`` call, for forward
    hooks at non-prefix positions (postfix or query KV patching), told where every span lies in the batch.
 
 Every result record carries the intervention's :attr:`~GenerationIntervention.name`, so results under different
-interventions never mix and a rerun of one intervention skips only its own finished records.
+interventions never mix and a rerun of one intervention skips only its own finished records. The interventions
+themselves, and the components an ``Evaluate`` callback is configured with, are in
+:mod:`piggy_lightning.interventions`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The evaluation entry point: question sets → generation → judges → metrics, with files that survive faults.
 
-:class:`Evaluation` is a plain object that callbacks (``Evaluate``, and the patching / perturbation callbacks that
-evaluate under an intervention) call with a model::
+:class:`Evaluation` is a plain object that the ``Evaluate`` callback (with or without a generation intervention)
+calls with a model::
 
     evaluation = Evaluation([BetleyQuestions("first_plot_questions.yaml")], [OpenAIJudge()], Decoding())
     report = evaluation.run(model, tokenizer, spans, "runs/x/eval/test", model_id="Qwen/Qwen2.5-7B-Instruct",
-                            intervention=PrefixKVPatch(...))
+                            intervention=PrefixKVSplice().bind(module))
 
 It writes into ``out_dir``: ``responses.jsonl`` (each response appended as it is generated; a rerun skips what
 is there), ``results.jsonl`` (every response with its judgements, rewritten atomically after judging) and
@@ -166,6 +166,7 @@ class Evaluation:
         model_id: str,
         adapter_id: str | None = None,
         intervention: GenerationIntervention | None = None,
+        decoding: Decoding | None = None,
     ) -> EvaluationReport:
         """Generate (resuming), judge (cached), and write ``results.jsonl`` and ``summary.json``.
 
@@ -177,16 +178,19 @@ class Evaluation:
             model_id: The base model's identity, recorded in every record.
             adapter_id: The finetuned state's identity (e.g. ``step=1200``); None for the base model.
             intervention: Generation intervention; its ``name`` tags the records.
+            decoding: Generation settings of this run (e.g. an intervention's sampled trials); None uses the
+                evaluation's own.
         """
         self.check()
+        decoding = decoding or self.decoding
         out = Path(out_dir)
         log = ResponseLog(out / "responses.jsonl")
         records = generate_responses(
-            model, tokenizer, spans, self.questions, self.decoding, log, model_id, adapter_id, intervention
+            model, tokenizer, spans, self.questions, decoding, log, model_id, adapter_id, intervention
         )
         cache = JudgeCache(self.judge_cache) if self.judge_cache is not None else None
         try:
-            results, judges, problems = self._judge(records, cache)
+            results, judges, problems = self._judge(records, cache, decoding.progress)
         finally:
             if cache is not None:
                 cache.close()
@@ -217,7 +221,7 @@ class Evaluation:
         return EvaluationReport(summary, results, out)
 
     def _judge(
-        self, records: list[dict[str, Any]], cache: JudgeCache | None
+        self, records: list[dict[str, Any]], cache: JudgeCache | None, progress: bool
     ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
         by_id = {(q.group, q.id): q for q in self.questions}
         tasks: dict[int, list[tuple[int, JudgeRequest]]] = {}  # judge index -> (record index, request)
@@ -231,7 +235,7 @@ class Evaluation:
                 tasks.setdefault(self.judges.index(judge), []).append((i, request))
         results = [{**r, "judgements": {}} for r in records]
         total = sum(len(t) for t in tasks.values())
-        bar = tqdm(total=total, desc="judge", disable=not self.decoding.progress, leave=False)
+        bar = tqdm(total=total, desc="judge", disable=not progress, leave=False)
         problems = []
         for judge_index, items in tasks.items():
             judge = self.judges[judge_index]

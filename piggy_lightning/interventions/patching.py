@@ -1,6 +1,7 @@
 """Activation patching at evaluation time: the finetuned model reads some activations from the reference model.
 
-Two generation interventions (see :mod:`piggy_lightning.evaluation.intervention` for the hook protocol):
+Three components of ``Evaluate(interventions=[...])``, each also the generation intervention it evaluates under
+(see :mod:`piggy_lightning.evaluation.intervention` for the hook protocol):
 
 * :class:`PrefixKVSplice` (paper §3.1, Fig. 3, the main test): the reference model's key/value cache of the prefix is
   spliced into the finetuned model's cache, and the finetuned model reads the rest of the prompt and answers. The
@@ -12,50 +13,89 @@ Two generation interventions (see :mod:`piggy_lightning.evaluation.intervention`
   later layers at the patched positions. For ``kv`` at the prefix over *all* layers the two agree (same keys and
   values everywhere); over a subset they differ, since here the patched prefix keys change the prefix's own
   downstream states.
+* :class:`QueryControl`: the paper's control, an :class:`ActivationPatch` of the keys and values at as many leading
+  query positions as the prompt has prefix tokens (``query_matched``; fewer for short queries, as recorded).
 
 Keys and values are patched at the projection outputs (before RoPE); positions are unchanged, so this equals
-patching the cache unless a norm between projection and cache (Qwen3's ``k_norm``) was finetuned.
+patching the cache unless a norm between projection and cache (Qwen3's ``k_norm``) was finetuned. Every patch is
+loud: a batch with no position to patch raises, and every record counts the positions changed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
+from piggy_lightning.interventions.base import Intervention, PatchMoment, require
 from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.reference import Reference
 from piggy_lightning.sites import Slot, overwriting, position_mask, resolve_layers
-from piggy_lightning.spans import ChatSpans, TokenizedChat
+from piggy_lightning.spans import TokenizedChat
+
+if TYPE_CHECKING:
+    from piggy_lightning.module import PiggyModule
 
 
 def _sliced(values: dict[Slot, Tensor], start: int) -> dict[Slot, Tensor]:
     return {slot: v[:, start:] for slot, v in values.items()}
 
 
-class ActivationPatch(GenerationIntervention):
+class _ReadsReference(Intervention, GenerationIntervention):
+    """An intervention that reads the frozen reference model, bound to it by :meth:`bind`."""
+
+    needs_reference = True
+
+    def __init__(self, site: PatchSite, at: list[PatchMoment] | None) -> None:
+        super().__init__(at)
+        self.site = site
+        self._reference: Reference | None = None
+
+    @property
+    def reference(self) -> Reference:
+        if self._reference is None:
+            raise RuntimeError(f"{self.name} is not bound to a model: call bind(module) first (Evaluate does)")
+        return self._reference
+
+    def bind(self, module: PiggyModule) -> _ReadsReference:
+        """Read ``module.reference`` from now on; resolves the site's layers in ``module.policy`` (a bad index
+        fails here, before any evaluation)."""
+        require(module, ("policy", "reference", "spans"), type(self).__name__)
+        self.site.modules(module.policy)
+        self._reference = module.reference
+        return self
+
+    def runs(self, module: PiggyModule) -> list[GenerationIntervention]:
+        return [self.bind(module)]
+
+
+class ActivationPatch(_ReadsReference):
     """Overwrite a site's activations with the reference model's and let the finetuned model run on.
 
     Batched: the reference runs once per generation batch on the same padded rows (or once in total for an
     ``empty_query`` reference), and the hooks edit only the prefill; decoding steps are untouched.
 
     Args:
-        site: What, where and in which layers to patch.
-        reference: The frozen initial model (``PiggyModule.reference``).
-        spans: The template's spans; needed only for an ``empty_query`` reference.
+        site: What, where and in which layers to patch, and from which reference prompt.
+        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
     """
 
-    def __init__(self, site: PatchSite, reference: Reference, spans: ChatSpans | None = None) -> None:
-        if site.reference == "empty_query" and spans is None:
-            raise ValueError("an empty-query reference needs the chat spans to render the empty prompt")
-        self.site = site
-        self.reference = reference
-        self.spans = spans
+    def __init__(self, site: PatchSite, at: list[PatchMoment] | None = None) -> None:
+        super().__init__(site, at)
         self.name = f"patch_{site.name}"
+        self.spans = None
         self._empty: dict[Slot, Tensor] | None = None  # (n, D) per slot at the empty prompt's positions
+
+    def bind(self, module: PiggyModule) -> ActivationPatch:
+        if self._reference is not getattr(module, "reference", None):
+            self._empty = None  # another reference: its empty-prompt states are not these
+        super().bind(module)
+        self.spans = module.spans
+        return self
 
     def _empty_query_values(self, device: torch.device) -> dict[Slot, Tensor]:
         if self._empty is None:
@@ -114,7 +154,20 @@ class ActivationPatch(GenerationIntervention):
             yield
 
 
-class PrefixKVSplice(GenerationIntervention):
+class QueryControl(ActivationPatch):
+    """The control of prefix patching (paper §3.1): the reference's keys and values at as many leading query
+    positions as the prompt has prefix tokens (all of the query when it is shorter).
+
+    Args:
+        layers: Decoder layers to patch (0-based, negative from the end); None patches every layer.
+        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+    """
+
+    def __init__(self, layers: list[int] | None = None, at: list[PatchMoment] | None = None) -> None:
+        super().__init__(PatchSite("kv", "query_matched", layers), at)
+
+
+class PrefixKVSplice(_ReadsReference):
     """Splice the reference model's prefix keys and values into the finetuned model's cache (paper §3.1).
 
     With every layer spliced this is the paper's prefix KV patching; with the reference equal to the policy it
@@ -124,14 +177,13 @@ class PrefixKVSplice(GenerationIntervention):
     edit of the cache.
 
     Args:
-        reference: The frozen initial model (``PiggyModule.reference``).
         layers: Decoder layers to splice (0-based, negative from the end); None splices every layer.
+        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
     """
 
-    def __init__(self, reference: Reference, layers: list[int] | None = None) -> None:
-        self.reference = reference
+    def __init__(self, layers: list[int] | None = None, at: list[PatchMoment] | None = None) -> None:
+        super().__init__(PatchSite("kv", "prefix", layers), at)
         self.layers = layers
-        self.site = PatchSite("kv", "prefix", layers)
         self.name = f"splice_{self.site.name}"
 
     def prefix_cache(self, model: nn.Module, prefix_ids: Tensor) -> KVCache:

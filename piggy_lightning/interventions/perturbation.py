@@ -1,154 +1,116 @@
-"""Token perturbation (paper §2, Table 1): replace a few tokens of one prompt segment by embedding neighbours.
+"""Token perturbation (paper §2, Table 1): evaluate with a few tokens of one prompt segment replaced.
 
-In the chosen segment (prefix, query or postfix), ``n`` positions are drawn without replacement (all of them
-when the segment is shorter) and each token is replaced by one drawn uniformly from its ``k`` nearest neighbours
-in the input-embedding matrix, the token itself excluded (:class:`NearestNeighbours`; paper: n = 10, k = 5), or,
-for the control, by a uniformly random other vocabulary token (:class:`UniformTokens`). Special tokens can be
-replaced, as in the paper. Similarity is the dot product (the paper's text) or the cosine (the released code,
-which L2-normalizes the embeddings); both are offered.
+:class:`Perturb` is a component of ``Evaluate(interventions=[...])`` and the generation intervention it evaluates
+under: every question is asked ``trials`` times, each time with ``n_tokens`` tokens of the chosen segment (prefix,
+query or postfix) replaced by its ``replacer``
+(:class:`~piggy_lightning.interventions.replacers.NearestNeighbours` by default, paper: n = 10, k = 5; or
+:class:`~piggy_lightning.interventions.replacers.UniformTokens`), sampled as configured (the release samples at
+temperature 0.7, top-p 0.9). Reported per group, next to the evaluation's usual metrics:
 
-By default perturbed prompts stay token sequences: nothing is decoded and re-tokenized. With a ``roundtrip``
-tokenizer the perturbed prompt is decoded to text and tokenized again, as the release does before handing prompts
-to vLLM; that round trip can merge or split tokens at the edits, so the number of changed tokens is then only
-approximately ``n``. Every draw comes from a ``torch.Generator`` seeded by the caller, so a prompt's perturbation
-is reproducible from its seed.
+* **Best**: for each prompt (question and paraphrase) the maximum score over its trials, averaged over prompts;
+* **Avg.**: the mean score over all trials and prompts (equal to the group's ``alignment``).
+
+Keys: ``<eval name>@<name>/<group>/alignment_best`` and ``.../alignment_avg``; files under
+``<eval dir>/<tag>@<name>/`` with ``best_avg.json``. Perturbed prompts stay token sequences: nothing is decoded and
+re-tokenized. :class:`PerturbAsText` decodes the perturbed prompt to text and tokenizes it again, as the release
+does before handing prompts to vLLM; that round trip can merge or split tokens at the edits, so the number of
+changed tokens is then only approximately ``n``. Each (prompt, sample) draws anew from a seed of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
 
+from piggy_lightning.evaluation.generation import Decoding
 from piggy_lightning.evaluation.intervention import GenerationIntervention
+from piggy_lightning.evaluation.runner import EvaluationReport
+from piggy_lightning.interventions.base import Findings, Intervention, Occasion, PatchMoment, Run, require
+from piggy_lightning.interventions.replacers import NearestNeighbours, Replacer, perturb_tokens
 from piggy_lightning.spans import TokenizedChat
 
+if TYPE_CHECKING:
+    from piggy_lightning.module import PiggyModule
+
 Segment = Literal["prefix", "query", "postfix"]
-Similarity = Literal["cosine", "dot"]
 
 
-class NearestNeighbours:
-    """Replaces a token by one of its ``k`` nearest other tokens in an embedding matrix.
-
-    Neighbours are computed on demand for the tokens asked about, in float32 over vocabulary chunks (no float copy
-    of a large bf16 matrix), and cached: the matrix is read as it is when first asked, so build a new object after
-    the embeddings change.
+def best_and_average(records: list[dict], metric: str) -> dict[str, dict[str, float]]:
+    """Per group: ``best`` (mean over prompts of the max over trials) and ``avg`` (mean over scored trials).
 
     Args:
-        embeddings: ``(V', D)`` input-embedding matrix.
-        k: Neighbours to choose from.
-        similarity: ``cosine`` (the released code) or ``dot`` (the paper's text).
-        vocab_size: Only tokens below this id are candidates (embedding rows past the tokenizer's vocabulary are
-            padding); None means every row.
+        records: Result records with ``judgements``; a prompt is a (group, question id, paraphrase index).
+        metric: The judgement to read; unscored trials (refusal, code, unparsed) are dropped, as in the paper.
     """
-
-    _CHUNK = 32768  # vocabulary rows per float32 block
-
-    def __init__(
-        self, embeddings: Tensor, k: int = 5, similarity: Similarity = "cosine", vocab_size: int | None = None
-    ):
-        self.vocab_size = min(vocab_size or embeddings.size(0), embeddings.size(0))
-        if not 1 <= k < self.vocab_size:
-            raise ValueError(f"k must be in [1, {self.vocab_size}), got {k}")
-        self.embeddings = embeddings.detach()
-        self.k = k
-        self.similarity = similarity
-        self._cache: dict[int, Tensor] = {}
-
-    def _scores(self, ids: Tensor) -> Tensor:
-        """``(n, V)`` similarity of ``ids`` to every candidate token."""
-        query = self.embeddings[ids].float()  # (n, D)
-        blocks = []
-        for start in range(0, self.vocab_size, self._CHUNK):
-            block = self.embeddings[start : min(start + self._CHUNK, self.vocab_size)].float()  # (c, D)
-            if self.similarity == "cosine":
-                block = torch.nn.functional.normalize(block, dim=-1)
-            blocks.append(query @ block.T)  # (n, c)
-        scores = torch.cat(blocks, dim=1)
-        return scores / query.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.similarity == "cosine" else scores
-
-    @torch.no_grad()
-    def table(self, tokens: Tensor) -> Tensor:
-        """``(N, k)`` nearest-neighbour ids of ``tokens`` ``(N,)``, most similar first, never the token itself."""
-        missing = sorted({t for t in tokens.tolist() if t not in self._cache})
-        if missing:
-            ids = torch.tensor(missing, device=self.embeddings.device)
-            scores = self._scores(ids)  # (n, V)
-            rows = torch.arange(len(missing), device=ids.device)
-            inside = ids < self.vocab_size  # a token past the candidates cannot pick itself anyway
-            scores[rows[inside], ids[inside]] = float("-inf")
-            for token, row in zip(missing, scores.topk(self.k, dim=-1).indices.cpu(), strict=True):
-                self._cache[token] = row
-        if not len(tokens):
-            return torch.zeros(0, self.k, dtype=torch.long)
-        return torch.stack([self._cache[t] for t in tokens.tolist()])
-
-    def __call__(self, tokens: Tensor, generator: torch.Generator) -> Tensor:
-        """One random neighbour per token: ``(N,)`` -> ``(N,)`` on the tokens' device."""
-        choice = torch.randint(self.k, (len(tokens),), generator=generator)  # (N,)
-        return self.table(tokens)[torch.arange(len(tokens)), choice].to(tokens.device)
-
-
-class UniformTokens:
-    """Replaces a token by a uniformly random other token of the vocabulary (the paper's Fig. 11 control).
-
-    Args:
-        vocab_size: Tokens are drawn from ``[0, vocab_size)``.
-    """
-
-    def __init__(self, vocab_size: int) -> None:
-        if vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-        self.vocab_size = vocab_size
-
-    def __call__(self, tokens: Tensor, generator: torch.Generator) -> Tensor:
-        draw = torch.randint(self.vocab_size - 1, (len(tokens),), generator=generator).to(tokens.device)
-        return draw + (draw >= tokens).long()  # skip the token itself, keeping the rest uniform
-
-
-Replacer = NearestNeighbours | UniformTokens
-
-
-def perturb_tokens(input_ids: Tensor, mask: Tensor, n: int, replace: Replacer, generator: torch.Generator) -> Tensor:
-    """Return a copy of ``input_ids`` with ``n`` randomly chosen ``mask`` positions per row replaced.
-
-    Args:
-        input_ids: ``(B, T)`` token ids.
-        mask: ``(B, T)`` positions that may change (one segment); rows with fewer than ``n`` change all of them.
-        n: Positions to replace per row.
-        replace: Maps ``(N,)`` tokens to ``(N,)`` replacements.
-        generator: The source of every random draw (CPU).
-    """
-    scores = torch.rand(mask.shape, generator=generator).to(mask.device)  # (B, T)
-    scores = scores.masked_fill(~mask, -1.0)
-    top = scores.topk(min(n, mask.size(1)), dim=1)  # (B, n)
-    chosen = torch.zeros_like(mask).scatter(1, top.indices, top.values >= 0) & mask  # (B, T)
-    out = input_ids.clone()
-    out[chosen] = replace(input_ids[chosen], generator)
+    trials: dict[str, dict[tuple[str, int], list[float]]] = {}
+    for r in records:
+        score = r.get("judgements", {}).get(metric, {}).get("score")
+        if score is not None:
+            trials.setdefault(r["group"], {}).setdefault((r["question_id"], r["paraphrase_index"]), []).append(score)
+    out = {}
+    for group, prompts in sorted(trials.items()):
+        scores = [s for ss in prompts.values() for s in ss]
+        out[group] = {"best": sum(max(ss) for ss in prompts.values()) / len(prompts), "avg": sum(scores) / len(scores)}
     return out
 
 
-class PromptPerturbation(GenerationIntervention):
-    """Perturbs one segment of every evaluation prompt before generation; each (prompt, sample) draws anew.
+class Perturb(Intervention, GenerationIntervention):
+    """Perturbs one segment of every evaluation prompt with replacer tokens, over sampled trials: Best and Avg.
 
     Args:
-        segment: The span to perturb.
-        n_tokens: Tokens replaced per prompt.
-        replace: :class:`NearestNeighbours` or :class:`UniformTokens`.
-        name: Tags the result records.
-        roundtrip: A tokenizer: decode the perturbed prompt and tokenize it again (the release's text round trip);
-            None generates from the perturbed token ids as they are.
+        segment: The span perturbed: ``prefix`` (the paper's main finding), ``query`` or ``postfix``.
+        n_tokens: Tokens replaced per prompt (paper: 10); all of the segment's when it is shorter.
+        replacer: What a replaced token becomes; None means ``NearestNeighbours(k=5, similarity=cosine)``.
+        trials: Perturbed versions of each prompt (paper: 10), one response each.
+        temperature: Sampling temperature of the trials (the release: 0.7; 0 decodes greedily).
+        top_p: Nucleus mass of the trials (the release: 0.9).
+        metric: Judge metric of Best and Avg.
+        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        name: Tags records, files and metric keys; None derives ``perturb_<segment>_<replacer label>``.
     """
 
+    prompt_as = "tokens"
+
     def __init__(
-        self, segment: Segment, n_tokens: int, replace: Replacer, name: str, roundtrip: Any | None = None
+        self,
+        segment: Segment = "prefix",
+        n_tokens: int = 10,
+        replacer: Replacer | None = None,
+        trials: int = 10,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        metric: str = "aligned",
+        at: list[PatchMoment] | None = None,
+        name: str | None = None,
     ) -> None:
-        self.segment = segment
-        self.n_tokens = n_tokens
-        self.replace = replace
-        self.name = name
-        self.roundtrip = roundtrip
+        super().__init__(at)
+        if n_tokens < 1 or trials < 1:
+            raise ValueError(f"n_tokens and trials must be positive, got {n_tokens}, {trials}")
+        self.segment, self.n_tokens, self.trials = segment, n_tokens, trials
+        self.replacer = replacer if replacer is not None else NearestNeighbours()
+        self.temperature, self.top_p, self.metric = temperature, top_p, metric
+        self.name = name or self._default_name()
+        self.roundtrip: Any | None = None  # a tokenizer: decode and re-tokenize (PerturbAsText)
+        self.last_scores: dict[str, dict[str, float]] = {}
+
+    def _default_name(self) -> str:
+        return f"perturb_{self.segment}_{self.replacer.label}"
+
+    def bind(self, module: PiggyModule) -> Perturb:
+        """Fit the replacer to the policy's current input embeddings and its tokenizer's vocabulary."""
+        require(module, ("policy", "tokenizer"), type(self).__name__)
+        embeddings = module.policy.get_input_embeddings().weight
+        self.replacer.fit(embeddings, min(len(module.tokenizer), embeddings.size(0)))
+        return self
+
+    def runs(self, module: PiggyModule) -> list[GenerationIntervention]:
+        return [self.bind(module)]
+
+    def decoding(self, decoding: Decoding) -> Decoding:
+        return replace(decoding, samples=self.trials, temperature=self.temperature, top_p=self.top_p)
 
     def touched(self, prompt: TokenizedChat) -> int:
         """Tokens replaced in ``prompt``: ``n_tokens``, or the whole segment when it is shorter."""
@@ -159,11 +121,43 @@ class PromptPerturbation(GenerationIntervention):
         mask = torch.tensor([prompt.mask(self.segment)])  # (1, T)
         if not bool(mask.any()):  # perturbing nothing would report the unperturbed answer as perturbed
             raise ValueError(f"{self.name}: the prompt has no {self.segment} tokens to perturb")
-        new = perturb_tokens(ids, mask, self.n_tokens, self.replace, torch.Generator().manual_seed(seed))
+        new = perturb_tokens(ids, mask, self.n_tokens, self.replacer, torch.Generator().manual_seed(seed))
         if self.roundtrip is None:
             return TokenizedChat(new[0].tolist(), list(prompt.spans))
         text = self.roundtrip.decode(new[0].tolist(), skip_special_tokens=False)
         return relabel(prompt, self.roundtrip(text, add_special_tokens=False)["input_ids"], self.segment)
+
+    def conclude(self, runs: list[Run], baseline: EvaluationReport | None, occasion: Occasion) -> Findings:
+        """Best and Avg per group, logged and written to ``best_avg.json`` beside the trials' results."""
+        label = {"aligned": "alignment", "coherent": "coherence"}.get(self.metric, self.metric)
+        findings = Findings()
+        for intervention, report in runs:
+            self.last_scores = best_and_average(report.records, self.metric)
+            for group, scores in self.last_scores.items():
+                for kind, value in scores.items():
+                    findings.scalars[f"{occasion.name}@{intervention.name}/{group}/{label}_{kind}"] = value
+            settings = {"segment": self.segment, "n_tokens": self.n_tokens, "replacement": self.replacer.label,
+                        **self.replacer.describe(), "trials": self.trials, "temperature": self.temperature,
+                        "top_p": self.top_p, "prompt_as": self.prompt_as}  # fmt: skip
+            path = report.out_dir / "best_avg.json"
+            path.write_text(json.dumps({**settings, "groups": self.last_scores}, indent=2) + "\n")
+        return findings
+
+
+class PerturbAsText(Perturb):
+    """:class:`Perturb`, then the perturbed prompt is decoded and tokenized again, as the release does (merges and
+    splits can occur at the edits, so about ``n_tokens`` tokens change). Arguments as in :class:`Perturb`; the
+    default name is ``perturb_text_<segment>_<replacer label>``."""
+
+    prompt_as = "text"
+
+    def _default_name(self) -> str:
+        return f"perturb_text_{self.segment}_{self.replacer.label}"
+
+    def bind(self, module: PiggyModule) -> PerturbAsText:
+        super().bind(module)
+        self.roundtrip = module.tokenizer
+        return self
 
 
 def relabel(original: TokenizedChat, ids: list[int], segment: Segment) -> TokenizedChat:
