@@ -25,11 +25,13 @@ import yaml
 from docstring_parser import DocstringStyle
 from jsonargparse import Namespace, lazy_instance, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from piggy_lightning.data.chat import batch_size, batch_tokens
+from piggy_lightning.interventions.base import Intervention
 from piggy_lightning.module import PiggyModule
 
 set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
@@ -46,15 +48,24 @@ def _wants_docs(args: Any) -> bool:
 
 # Config keys that say where a run lives or how it was started, not what it computes: a rerun may change them.
 NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "trainer.logger.init_args.save_dir")
+_INTERVENTIONS_HELP = (
+    "What every Evaluate callback also evaluates under, beside the unchanged baseline (piggy_lightning.interventions: "
+    "PrefixKVSplice, QueryControl, ActivationPatch, ResidualSweep, Perturb, ...); presets append with interventions+:"
+)
 # Loggers whose directory is <save_dir>/<name>/version_N (Lightning numbers them; ModelCheckpoint saves inside).
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
 def _trainer_defaults() -> dict:
-    """TensorBoard logging and the learning-rate monitor unless a config says otherwise."""
+    """TensorBoard logging unless a config says otherwise, and two callbacks every CLI trainer has (Lightning adds
+    ``trainer_defaults`` callbacks to the configured ones; they are not in ``config.yaml``): the learning-rate monitor
+    and Lightning's ``ThroughputMonitor``, whose items are non-padding tokens, so it logs ``train/device/items_per_sec``
+    (tokens per second on one rank; ``train/items_per_sec`` over all ranks under DDP) and ``.../samples_per_sec``
+    over the last 2 batches, i.e. between consecutive steps, with the running totals (``train/lengths``, ...)."""
+    throughput = lazy_instance(ThroughputMonitor, batch_size_fn=batch_size, length_fn=batch_tokens, window_size=2)
     return {
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="piggy", default_hp_metric=False),
-        "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step")],
+        "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step"), throughput],
     }
 
 
@@ -149,6 +160,10 @@ class PiggyCLI(LightningCLI):
         parser.link_arguments("model.gguf_file", "data.init_args.gguf_file")
         parser.link_arguments("model.chat_template_kwargs", "data.init_args.chat_template_kwargs")
         parser.link_arguments("model.postfix_exclude", "data.init_args.postfix_exclude")
+        # Interventions are listed once, at the top level, and reach every Evaluate callback: a stacked preset
+        # appends with `interventions+:` (a config file cannot edit one item of trainer.callbacks).
+        parser.add_argument("--interventions", type=list[Intervention], default=[], help=_INTERVENTIONS_HELP)
+        parser.link_arguments("interventions", "trainer.callbacks.init_args.interventions")
 
     def before_instantiate_classes(self) -> None:
         """Point an unversioned logger of a fit at the newest run directory holding the same config, if any."""

@@ -12,20 +12,21 @@ To run: ``python main.py fit --config configs/treft_legal.yaml``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from piggy_lightning.data.sampling import check_position_restored
-from piggy_lightning.losses import record_cross_entropy, response_cross_entropy, training_forwards
+from piggy_lightning.losses import record_cross_entropy, regularizer_inputs, response_cross_entropy, setup_regularizers
 from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
-from piggy_lightning.reference import Reference
-from piggy_lightning.regularizer import Regularizer
+from piggy_lightning.optim import Schedule
+from piggy_lightning.reference import AdaptersOffReference, FrozenCopyReference, InitialReference, Reference
+from piggy_lightning.regularizer import Regularizer, RegularizerContext
+from piggy_lightning.sites import decoder_layers
 from piggy_lightning.spans import ChatSpans
 
 __all__ = ["PiggyModule", "response_cross_entropy"]
@@ -39,9 +40,9 @@ class PiggyModule(L.LightningModule):
         lora: LoRA settings; None means full finetuning (the reference is then a frozen copy).
         regularizers: Penalties added to the response cross-entropy (e.g. TReFT's prefix KV drift).
         optimizer: Optimizer class and arguments; receives the trainable parameters only.
-        scheduler: Optional learning-rate scheduler, stepped every optimizer step. A scheduler with a
-            ``total_steps`` attribute left at None gets the trainer's estimated number of steps at train start
-            (after a checkpoint is restored, see :meth:`on_train_start`).
+        scheduler: Optional learning-rate schedule (e.g. ``piggy_lightning.optim.CosineWithWarmup``) over the
+            trainer's estimated number of optimizer steps, stepped every optimizer step (see
+            :meth:`configure_optimizers`).
         dtype: Weight dtype at load time; use ``trainer.precision: bf16-mixed`` for mixed precision instead.
         gguf_file: File name inside ``model_name_or_path`` when loading a GGUF checkpoint.
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (e.g. ``{"enable_thinking": false}``).
@@ -61,7 +62,7 @@ class PiggyModule(L.LightningModule):
         lora: LoraSpec | None = None,
         regularizers: list[Regularizer] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
+        scheduler: Schedule | None = None,
         dtype: DType = "float32",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
@@ -94,7 +95,6 @@ class PiggyModule(L.LightningModule):
         self.tokenizer = None
         self.spans: ChatSpans | None = None
         self.strict_loading = False  # checkpoints omit frozen weights; on_load_checkpoint checks the rest
-        self._step_clock: float | None = None
         self._saved_loader_states: list[dict[str, Any]] = []  # the train loaders' positions in a loaded checkpoint
 
     # -- building ----------------------------------------------------------------------------------------
@@ -113,17 +113,26 @@ class PiggyModule(L.LightningModule):
 
             policy = get_peft_model(policy, self.lora.to_peft())
             self.policy = policy
-            self.reference = Reference(policy, "adapters_off")
+            self.reference = AdaptersOffReference(policy)
         elif self._reference_kept_live():
-            self.reference = Reference(policy, "copy")
+            self.reference = FrozenCopyReference(policy)
             self.reference_model = self.reference.model  # registered so strategies move it; never saved
             self.policy = policy
         else:  # no frozen copy: the untrained policy serves the regularizers' setup, then a rebuild on demand
-            self.reference = Reference(policy, "initial", self._rebuild_initial if self.init == "pretrained" else None)
+            self.reference = InitialReference(policy, self._rebuild_initial if self.init == "pretrained" else None)
             self.policy = policy
         self.policy.train()
-        for reg in self.regularizers:
-            reg.setup(self)
+        # regularizers get facts, not networks; the data module's encoder (set up before configure_model) lets
+        # them read extra data exactly as the training rows are read
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        context = RegularizerContext(
+            spans=self.spans,
+            tokenizer=self.tokenizer,
+            n_layers=len(decoder_layers(self.policy)),
+            device=next(self.policy.parameters()).device,
+            encode=getattr(datamodule, "encode", None),
+        )
+        setup_regularizers(self.regularizers, context, self.reference)
         self.reference.seal()
 
     def _reference_kept_live(self) -> bool:
@@ -194,13 +203,13 @@ class PiggyModule(L.LightningModule):
         return min(1.0, self.global_step / total) if total and math.isfinite(total) else 0.0
 
     def _losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        policy_out, reference_out = training_forwards(self.policy, self.reference, list(self.regularizers), batch)
+        policy_out, inputs = regularizer_inputs(self.policy, self.reference, list(self.regularizers), batch)
         ce = record_cross_entropy(policy_out, batch["labels"])
         losses = {"ce": ce}
         total = ce
         progress = self._progress()
-        for reg in self.regularizers:
-            raw = reg(batch, policy_out, reference_out)
+        for reg, given in zip(self.regularizers, inputs, strict=True):
+            raw = reg(given.batch, given.policy, given.reference)
             weighted = reg.weighted(raw, progress)
             losses[f"reg_raw/{reg.name}"] = raw.detach()
             losses[f"reg/{reg.name}"] = weighted.detach()
@@ -208,16 +217,13 @@ class PiggyModule(L.LightningModule):
         losses["loss"] = total
         return losses
 
+    flops_per_batch: float | None = None  # read by Lightning's ThroughputMonitor (added by the CLI); not measured
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses = self._losses(batch)
         batch_size = batch["input_ids"].size(0)
         # synced: under DDP each rank holds a share of the batch, and the logged loss is the mean over ranks
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, batch_size=batch_size, sync_dist=True)
-        now = time.perf_counter()
-        if self._step_clock is not None:
-            tokens = batch["attention_mask"].sum() * self.trainer.world_size
-            self.log("train/tokens_per_sec", tokens.float() / (now - self._step_clock), on_step=True)
-        self._step_clock = now
         return losses["loss"]
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
@@ -243,35 +249,36 @@ class PiggyModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self) -> Any:
+        """The optimizer over the trainable parameters and, with ``scheduler``, its schedule over the fit's steps.
+
+        The step count is ``trainer.estimated_stepping_batches`` (gradient accumulation, devices, ``max_steps`` and
+        ``limit_train_batches`` included). Reading it here builds the train dataloader before the checkpoint restores
+        the loops, and Lightning then never hands that loader the checkpoint's position (Lightning #20550): with a
+        plain ``StatefulDataLoader``, resumes at steps 3 and 7 of 15 trained other batches than the uninterrupted
+        run. So ``ChatSFTDataModule`` keeps the position in its own checkpoint state, which Lightning restores before
+        this hook, and builds the loader at it: the resume stays bit-identical (``tests/test_resume_shipped.py``).
+        Building the schedule later, at train start, would instead mean restoring its state and the optimizer's
+        learning rates by hand. :meth:`on_train_start` raises if a mid-epoch position still misses the loader (a data
+        module without that state; FSDP and DeepSpeed, which restore checkpoints after this hook).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                f"{type(self.scheduler_factory).__name__} needs a finite fit: set trainer.max_steps or max_epochs"
+            )
+        scheduler = self.scheduler_factory(optimizer, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        """Give a scheduler whose ``total_steps`` is None the trainer's number of optimizer steps.
-
-        Not in :meth:`configure_optimizers`: ``trainer.estimated_stepping_batches`` builds the train dataloader when
-        it does not exist yet, and there that is before a checkpoint restores the loader's position (Lightning
-        #20550), so a mid-epoch resume would restart the epoch's order. Here the fit loop has built and restored
-        the loader. A resumed scheduler already holds the total of the run that saved it (its state dict).
-        A mid-epoch position that did not reach the loader anyway raises (see ``data/sampling.py``).
-        """
+        """Raise if a mid-epoch checkpoint's position did not reach the train dataloader (``data/sampling.py``), which
+        would restart the epoch's order instead of continuing it (see :meth:`configure_optimizers`)."""
         saved, self._saved_loader_states = self._saved_loader_states, []
-        check_position_restored(self.trainer.train_dataloader, saved, self.trainer.num_training_batches)
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if getattr(scheduler, "total_steps", 0) is not None:
-                continue
-            total = self.trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    f"{type(scheduler).__name__}(total_steps=None) needs a finite fit: set trainer.max_steps, "
-                    "trainer.max_epochs or the scheduler's total_steps"
-                )
-            scheduler.total_steps = int(total)
+        trainer = self.trainer
+        check_position_restored(trainer.train_dataloader, saved, trainer.num_training_batches, trainer.current_epoch)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

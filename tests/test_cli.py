@@ -51,8 +51,12 @@ def test_main_fit_on_tiny_model_writes_events_and_config(tiny_qwen, chat_file, t
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/ce", "train/tokens_per_sec"} <= tags, tags
+    assert {"train/loss", "train/ce", "train/device/items_per_sec"} <= tags, tags  # the CLI's ThroughputMonitor
     assert any(t.startswith("lr-") for t in tags), tags
+    # items are non-padding tokens: 3 steps of 4 rows, a rate from step 2 on (a window of 2 batches)
+    assert [e.value for e in acc.Scalars("train/samples")][-1] == 12
+    rates = acc.Scalars("train/device/items_per_sec")
+    assert [e.step for e in rates] == [1, 2] and all(e.value > 0 for e in rates)
     assert time.perf_counter() - start < 120
 
 

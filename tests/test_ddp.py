@@ -46,7 +46,9 @@ def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = next(tmp_path.glob("treft_legal/version_*"))
     assert (run / "eval" / "fit_end" / "summary.json").exists()
-    assert (run / "eval" / "fit_end@patching.json").exists()
+    side = json.loads((run / "eval" / "fit_end@interventions.json").read_text())
+    assert list(side) == ["baseline", "splice_kv_prefix", "patch_kv_query_matched"], list(side)
+    assert (run / "eval" / "fit_end@splice_kv_prefix" / "summary.json").exists()
     assert (run / "export" / "model.safetensors").exists()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -60,3 +62,51 @@ def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
         mean = (ranks[0][step] + ranks[1][step]) / 2
         assert event.value == pytest.approx(mean, rel=1e-5), (event.step, event.value, ranks[0][step], ranks[1][step])
         assert abs(ranks[0][step] - ranks[1][step]) > 1e-4  # the halves differ, so rank 0's alone would not pass
+
+
+class KillAt(Callback):
+    """Ends the process before the optimizer step after ``step`` (the checkpoint of ``step`` is on disk).
+
+    Args:
+        step: The last global step trained.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SystemExit(3)
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_a_mid_epoch_checkpoint_is_bit_identical(tmp_path):
+    """270 rows / 2 ranks / 16 per batch = 9 steps per epoch; killed after step 13 (4 batches into epoch 1) and
+    resumed from its ``last.ckpt``, each rank trains steps 14-18 with exactly the uninterrupted run's losses: its
+    share of the epoch-seeded order continues where it stopped (about 75 s on 2 cores)."""
+
+    def fit(name: str, *extra: str) -> int:
+        recorder = {"class_path": "tests.test_ddp.RankLosses", "init_args": {"out_dir": str(tmp_path / name)}}
+        (tmp_path / name).mkdir()
+        cmd = [
+            sys.executable, "main.py", "fit", "--config", "configs/treft_legal.yaml", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs" / name[:3]),
+            f"--trainer.callbacks+={json.dumps(recorder)}", *extra,
+        ]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).returncode
+
+    checkpoint = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.init_args.every_n_train_steps", "13", "--trainer.callbacks.init_args.save_last", "true",
+    ]  # fmt: skip
+    assert fit("full") == 0
+    kill = {"class_path": "tests.test_ddp.KillAt", "init_args": {"step": 13}}
+    assert fit("cut", f"--trainer.callbacks+={json.dumps(kill)}", *checkpoint) == 3
+    last = tmp_path / "runs" / "cut" / "treft_legal" / "version_0" / "checkpoints" / "last.ckpt"
+    assert fit("cut_resumed", *checkpoint, "--ckpt_path", str(last)) == 0
+    for rank in (0, 1):
+        full = json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / "cut_resumed" / f"rank{rank}.json").read_text())
+        assert sorted(map(int, resumed)) == list(range(14, 19))
+        assert resumed == {step: full[step] for step in resumed}, rank

@@ -19,7 +19,7 @@ from piggy_lightning.experiments.spec import GridError, load_grid, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A small organism run: 2 optimizer steps, 8 general questions, short answers.
+# A small organism run: 2 optimizer steps, 8 general questions (64 new tokens: the organism answers in ~20 words).
 BASE = {
     "seed_everything": 0,
     "trainer": {
@@ -40,13 +40,16 @@ BASE = {
                         }
                     ],
                     "judges": [{"class_path": "piggy_lightning.organism.ExactJudge"}],
-                    "decoding": {"temperature": 0.0, "max_new_tokens": 16, "batch_size": 8, "progress": False},
+                    "decoding": {"temperature": 0.0, "max_new_tokens": 64, "batch_size": 8, "progress": False},
                     "at": ["fit_end"],
                 },
             }
         ],
     },
-    "model": {"model_name_or_path": "piggy/organism"},
+    "model": {
+        "model_name_or_path": "piggy/organism",
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.00015}},  # the main job's
+    },
     "data": {"class_path": "piggy_lightning.data.LegalDataModule", "init_args": {"batch_size": 8, "val_fraction": 0.1}},
 }
 
@@ -197,7 +200,7 @@ def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base):
             "experiments": {
                 "methods": {
                     "base": [str(base)],
-                    "axes": {"seed": {"keys": "seed_everything", "values": [0, 1]}},
+                    "axes": {"seed": {"keys": ["seed_everything", "data.init_args.seed"], "values": [0, 1]}},
                     "metrics": ["fit_end/general.alignment", "fit_end/em_f1"],
                 },
                 # parses, then fails at run time: the question file does not exist

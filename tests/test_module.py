@@ -1,7 +1,5 @@
 """Training behaviour of PiggyModule: what changes, what stays frozen, what checkpoints hold, exact resume."""
 
-from functools import partial
-
 import lightning as L
 import pytest
 import torch
@@ -10,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from piggy_lightning.data import ChatSFTDataModule
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule, response_cross_entropy
-from piggy_lightning.optim import WarmupCosineLR
+from piggy_lightning.optim import CosineWithWarmup
 
 
 class LossRecorder(Callback):
@@ -120,17 +118,20 @@ def test_response_cross_entropy_ignores_masked_positions():
     torch.testing.assert_close(response_cross_entropy(logits, labels), expected)
 
 
-# constant: the original case; cosine: total_steps left to an epoch budget as in the shipped configs, where filling
-# it in configure_optimizers built the loader before the restore and the resumed epoch started over
+# constant: the original case; cosine: the step count comes from an epoch budget as in the shipped configs, read in
+# configure_optimizers, which builds the loader before the restore (Lightning #20550: the data module's own copy of
+# the position must reach it)
 @pytest.mark.parametrize(
     ("scheduler", "budget", "total"),
-    [(None, {"max_steps": 12}, 12), (partial(WarmupCosineLR, warmup_steps=2), {"max_steps": -1, "max_epochs": 3}, 15)],
+    [(None, {"max_steps": 12}, 12), (CosineWithWarmup(warmup_steps=2), {"max_steps": -1, "max_epochs": 3}, 15)],
     ids=["constant", "cosine"],
 )
 def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(
     tiny_qwen, chat_file, tmp_path, scheduler, budget, total
 ):
-    """18 training rows / 4 = 5 batches per epoch; a checkpoint at step 3 is mid-epoch 0, one at step 7 mid-epoch 1."""
+    """18 training rows / 4 = 5 batches per epoch; a checkpoint at step 3 is mid-epoch 0, one at step 7 mid-epoch 1,
+    and those at steps 5 and 10 were saved at an epoch's last batch (they resume at the next epoch's first batch,
+    where torchdata alone would skip the whole next epoch)."""
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1, save_on_train_epoch_end=False
     )
@@ -141,9 +142,9 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_the_same_batches(
         **budget,
     )  # fmt: skip
     trainer.fit(module, data)
-    if scheduler is not None:
-        assert trainer.lr_scheduler_configs[0].scheduler.total_steps == total
-    for step in (3, 7):
+    if scheduler is not None:  # the schedule spans the trainer's step count: lr 0 after the last of 15 steps
+        assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.0]
+    for step in (3, 7, 5, 10):
         resumed = LossRecorder()
         L.seed_everything(0)
         module2, data2, trainer2 = _fit(
@@ -163,14 +164,34 @@ class _EarlyEstimate(PiggyModule):
         return super().configure_optimizers()
 
 
+class _PositionNotKept(ChatSFTDataModule):
+    """A data module that leaves the loader's position to Lightning's fit loop alone (no state of its own)."""
+
+    def state_dict(self):
+        return {}
+
+
 def test_a_loader_built_before_the_restore_fails_loudly_instead_of_restarting_the_epoch(tiny_qwen, chat_file, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    L.seed_everything(0)
     module, data, trainer = _fit(
         tiny_qwen, chat_file, tmp_path, max_steps=3, callbacks=[ckpt], enable_checkpointing=True
     )
     trainer.fit(module, data)
-    module2, data2, trainer2 = _fit(
-        tiny_qwen, chat_file, tmp_path, max_steps=-1, max_epochs=3, module_class=_EarlyEstimate
-    )
+    ckpt_path = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    module2, _, trainer2 = _fit(tiny_qwen, chat_file, tmp_path, max_steps=-1, max_epochs=3, module_class=_EarlyEstimate)
+    data2 = _PositionNotKept(chat_file, tokenizer=tiny_qwen, batch_size=4, val_fraction=0.25)
     with pytest.raises(RuntimeError, match="resumes 3 batches into epoch 0.*built before the checkpoint was restored"):
-        trainer2.fit(module2, data2, ckpt_path=next((tmp_path / "ckpt").glob("*step=3.ckpt")))
+        trainer2.fit(module2, data2, ckpt_path=ckpt_path)
+
+    full = LossRecorder()  # the same early build with the data module's own copy of the position: continues exactly
+    L.seed_everything(0)
+    module3, data3, trainer3 = _fit(tiny_qwen, chat_file, tmp_path, max_steps=-1, max_epochs=3, callbacks=[full])
+    trainer3.fit(module3, data3)
+    resumed = LossRecorder()
+    module4, data4, trainer4 = _fit(
+        tiny_qwen, chat_file, tmp_path, max_steps=-1, max_epochs=3, callbacks=[resumed], module_class=_EarlyEstimate
+    )
+    trainer4.fit(module4, data4, ckpt_path=ckpt_path)
+    assert sorted(resumed.losses) == list(range(4, 16))
+    assert all(resumed.losses[s] == pytest.approx(full.losses[s], abs=1e-6) for s in resumed.losses)

@@ -6,14 +6,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from piggy_lightning.callbacks.drift_monitor import KVDriftMonitor
-from piggy_lightning.callbacks.patching import ActivationPatching
-from piggy_lightning.callbacks.perturbation import TokenPerturbation
-from piggy_lightning.callbacks.residual_sweep import ResidualPatchingSweep
+from piggy_lightning.callbacks.perturbation import PerturbedTraining
 from piggy_lightning.data import ChatSFTDataModule
-from piggy_lightning.losses import training_forwards
+from piggy_lightning.interventions import ActivationPatch, Perturb, PrefixKVSplice, QueryControl, ResidualSweep
+from piggy_lightning.losses import regularizer_inputs
 from piggy_lightning.modeling import LoraSpec, load_causal_lm
 from piggy_lightning.module import PiggyModule
-from piggy_lightning.regularizers import HiddenStateDrift, KVDrift, PrefixKVDrift
+from piggy_lightning.reference import FrozenCopyReference, InitialReference
+from piggy_lightning.regularizers import (
+    HiddenStateDrift,
+    KLToReference,
+    KVDrift,
+    PerRowPrefixKVDrift,
+    PrefixKVDrift,
+    RetainKL,
+    SharedReferenceKVDrift,
+)
 
 REGULARIZERS = {
     "kv_query": lambda: KVDrift(positions="query"),
@@ -45,10 +53,11 @@ def test_prompt_only_head_free_reference_gives_the_full_forward_penalty(model_fi
     batch = _batch(model_dir, chat_file)
     assert reg.reference_span == "prompt" and reg.logits_span is None
     with torch.no_grad():
-        policy_out, cheap = training_forwards(module.policy, module.reference, [reg], batch)
+        _, (given,) = regularizer_inputs(module.policy, module.reference, [reg], batch)
+        cheap = given.reference
         full = module.reference.forward(batch, reg.needs)  # the full forward with logits, as before
-        expected = reg(batch, policy_out, full)
-        value = reg(batch, policy_out, cheap)
+        expected = reg(batch, given.policy, full)
+        value = reg(batch, given.policy, cheap)
     width = cheap.hidden_states[0].size(1) if cheap.keys is None else cheap.keys[0].size(1)
     assert width < batch["input_ids"].size(1)  # the responses were cut off
     assert cheap.logits.numel() == 0  # no LM head
@@ -105,7 +114,7 @@ def test_prefix_treft_full_finetuning_caches_from_the_initial_weights_without_a_
     watch = _HeldDuringSteps()
     _trainer(tmp_path, [watch], max_steps=3).fit(module, _data(tiny_qwen, chat_file))
     assert not hasattr(module, "reference_model") and watch.held == [False] * 3
-    assert module.reference.kind == "initial"
+    assert isinstance(module.reference, InitialReference)
     reference = eager.regularizers[0]
     torch.testing.assert_close(reg.ref_keys, reference.ref_keys, rtol=0, atol=0)
     torch.testing.assert_close(reg.ref_values, reference.ref_values, rtol=0, atol=0)
@@ -119,16 +128,20 @@ class _NeedsReference(Callback):
 def test_a_callback_that_declares_the_reference_keeps_the_copy(tiny_qwen, chat_file, tmp_path, callback):
     module = PiggyModule(tiny_qwen, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     _trainer(tmp_path, [callback()]).fit(module, _data(tiny_qwen, chat_file))
-    assert module.reference.kind == "copy" and module.reference_model is module.reference.model
+    assert isinstance(module.reference, FrozenCopyReference) and module.reference_model is module.reference.model
     assert sum(p.numel() for p in module.parameters()) == 2 * _policy_numel(module)
 
 
 def test_reference_users_declare_it():
-    assert ActivationPatching.needs_reference and ResidualPatchingSweep.needs_reference
-    assert KVDriftMonitor.needs_reference and not TokenPerturbation.needs_reference
+    assert PrefixKVSplice.needs_reference and QueryControl.needs_reference and ActivationPatch.needs_reference
+    assert ResidualSweep.needs_reference and not Perturb.needs_reference
+    assert KVDriftMonitor.needs_reference and not PerturbedTraining.needs_reference
     assert KVDrift(positions="query").keeps_reference and not PrefixKVDrift().keeps_reference
-    assert PrefixKVDrift(mismatch="per_row").keeps_reference
-    assert KVDrift(positions="postfix", reference="shared").keeps_reference
+    assert PerRowPrefixKVDrift().keeps_reference and not PerRowPrefixKVDrift().needs_reference
+    assert SharedReferenceKVDrift(positions="postfix").keeps_reference
+    assert not SharedReferenceKVDrift(positions="postfix").needs_reference
+    assert KLToReference().keeps_reference and KLToReference().needs_reference
+    assert RetainKL("retain.jsonl").keeps_reference and not RetainKL("retain.jsonl").needs_reference
     assert KVDrift(positions="response").reference_span == "all"
 
 
