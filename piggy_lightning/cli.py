@@ -194,7 +194,23 @@ class PiggyCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last is None:
                 callback.save_last = True
+        self._check_interventions_reach_an_evaluate(trainer)
         return trainer
+
+    def _check_interventions_reach_an_evaluate(self, trainer: Trainer) -> None:
+        """Refuse top-level ``interventions`` when no ``Evaluate`` callback receives them (they would do nothing)."""
+        from piggy_lightning.callbacks import Evaluate
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        wanted = config.get("interventions") or []
+        if wanted and not any(isinstance(c, Evaluate) for c in trainer.callbacks):
+            names = [
+                str(i.get("class_path", i)).rsplit(".", 1)[-1] if isinstance(i, Namespace) else str(i) for i in wanted
+            ]
+            raise ValueError(
+                f"interventions {names} are configured but no Evaluate callback is in trainer.callbacks to run them; "
+                "add piggy_lightning.callbacks.Evaluate (with question sets and judges) or drop the interventions"
+            )
 
     def before_fit(self) -> None:
         """A plain rerun of a run resumes it: ``ckpt_path`` None becomes ``last`` (Lightning warns if none is saved)."""

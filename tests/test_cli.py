@@ -112,3 +112,21 @@ def test_openmp_wait_policy_is_passive_only_on_a_busy_machine_and_a_set_one_is_k
     env = {**__import__("os").environ, "OMP_WAIT_POLICY": "ACTIVE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "ACTIVE"
+
+
+def test_interventions_without_an_evaluate_callback_are_refused(tmp_path):
+    """Top-level interventions reach Evaluate callbacks only; with none, they would silently do nothing."""
+    import pytest
+
+    from piggy_lightning.cli import PiggyCLI
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        "--config", str(root / "configs" / "treft_legal.yaml"),
+        "--trainer.callbacks", "[]",
+        "--config", str(root / "callbacks" / "prefix_patching.yaml"),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    refused = r"interventions \['PrefixKVSplice', 'QueryControl'\] are configured but no Evaluate"
+    with pytest.raises(ValueError, match=refused):
+        PiggyCLI(run=False, args=args)

