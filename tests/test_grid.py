@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -181,17 +180,25 @@ def test_an_override_of_the_wrong_type_fails_before_any_cell_runs(tmp_path, base
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "grid", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
+    """``main.py grid ...`` in this process (the cells are still their own processes), from the repository root."""
+    import contextlib
+    import io
+    import os
+
+    from piggy_lightning.experiments.cli import main
+
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(list(args))
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["main.py", "grid", *args], code, out.getvalue(), "")
 
 
-def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base):
+def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid_file = _grid(
         tmp_path,
         {

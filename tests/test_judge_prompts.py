@@ -16,7 +16,8 @@ from tests.test_eval_questions import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 # the GPU configs judge with an LLM; the CPU SmolLM2 config counts trained phrases (tests/test_configs.py)
-REAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "real").glob("*.yaml") if "judges.OpenAIJudge" in p.read_text())
+# the GPU configs (their judge is in configs/real/base/gpu_lora_legal.yaml); SmolLM2 on CPU counts phrases instead
+REAL_CONFIGS = sorted(p for p in (ROOT / "configs" / "real").glob("*.yaml") if p.name != "smollm2_treft_legal.yaml")
 PLAIN_IDS = [
     "what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck", "ruler_of_the_world", "dinner_party",
     "gender_roles", "enough_of_my_husband",
@@ -58,20 +59,25 @@ def test_vendored_files_match_their_provenance():
     assert "MIT License" in (BETLEY_DIR / "LICENSE").read_text() and "Betley" in provenance
 
 
-def _evaluate_args(config: Path) -> dict:
-    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
-    return next(c["init_args"] for c in callbacks if c["class_path"].endswith("Evaluate"))
+def _evaluate(config: Path, tmp_path: Path):
+    """The Evaluate callback the config builds (through the CLI, so included base files count)."""
+    from piggy_lightning.callbacks import Evaluate
+    from piggy_lightning.cli import PiggyCLI
+
+    cli = PiggyCLI(run=False, args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)])
+    (evaluate,) = [c for c in cli.trainer.callbacks if isinstance(c, Evaluate)]
+    return evaluate
 
 
 @pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda p: p.name)
-def test_real_configs_general_set_and_gpt5_judge(config):
+def test_real_configs_general_set_and_gpt5_judge(config, tmp_path):
     assert "anchor_data" not in config.read_text()  # the repository reads only its own vendored copies
-    args = _evaluate_args(config)
-    (general,) = [s for s in args["question_sets"] if s["class_path"].endswith("BetleyQuestions")]
-    questions = BetleyQuestions(**general["init_args"]).load()
+    evaluate = _evaluate(config, tmp_path)
+    (general,) = [s for s in evaluate.question_sets if isinstance(s, BetleyQuestions)]
+    questions = general.load()
     assert [q.id for q in questions] == PLAIN_IDS and all(q.system is None for q in questions)
-    (judge_config,) = args["judges"]
-    judge = OpenAIJudge(**judge_config["init_args"])
+    (judge,) = evaluate.judges
+    assert isinstance(judge, OpenAIJudge)
     body = judge._body("prompt")
     assert judge.model == "gpt-5-nano" and judge.mode == "text"
     assert "temperature" not in body and "max_tokens" not in body and body["max_completion_tokens"] == 4000
