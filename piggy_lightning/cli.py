@@ -1,8 +1,9 @@
 """``PiggyCLI``: LightningCLI with the project's parsing settings, argument links and defaults.
 
-Run ``python main.py --help`` for the subcommands (fit, validate, test, predict) and
-``python main.py fit --config configs/treft_legal.yaml --print_config=comments`` for every option with its
-documentation. Class-typed options take a ``class_path`` (the class path is the registry; nothing else is).
+Run ``python main.py --help`` for the subcommands (fit, validate, test, predict),
+``python main.py fit --config configs/treft_legal.yaml --print_config`` for every option's value, and
+``python main.py fit --help`` for each option's documentation. Class-typed options take a ``class_path`` (the class
+path is the registry; nothing else is).
 
 Rerunning a fit continues it. A run lives in its logger's directory ``<save_dir>/<name>/version_N``, whose
 ``config.yaml`` records what it computes. When ``trainer.logger.init_args.version`` is unset, ``fit`` looks for the
