@@ -262,6 +262,10 @@ def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base, 
     vectors = [load_task_vector(r) for r in runs]
     assert all(v == pytest.approx(1.0) for v in layer_cosines(vectors[0], vectors[0]).values())
     assert all(v < 0.999 for v in layer_cosines(vectors[0], vectors[1]).values())
+    exported = _main("export", str(out), str(tmp_path / "exported"))  # summaries only: no checkpoints, no events
+    assert exported.returncode == 0, exported.stdout
+    assert not list((tmp_path / "exported").glob("**/*.ckpt")) and not list((tmp_path / "exported").glob("**/events*"))
+    assert f"| {expected} |" in (tmp_path / "exported" / "report.md").read_text()
     rebuilt = _main("report", str(out))
     assert rebuilt.returncode == 0 and write_report(out).read_text() == report
 
@@ -285,3 +289,34 @@ def test_paired_comparison_matches_a_hand_computed_t_test():
     assert r["n"] == 3 and r["mean_diff"] == pytest.approx(20 / 3)
     assert r["t"] == pytest.approx(t) and r["t"] == pytest.approx(2.3408, abs=1e-3)
     assert r["p"] == pytest.approx(0.1440, abs=1e-3)  # two-sided, 2 degrees of freedom (t-table)
+
+
+REPRODUCTION = ROOT / "docs" / "reproduction"
+
+
+@pytest.mark.skipif(not (REPRODUCTION / "grid.json").is_file(), reason="no committed reproduction run")
+def test_committed_reproduction_report_equals_its_cells(tmp_path):
+    """docs/reproduction.md is what `main.py grid report docs/reproduction --report docs/reproduction.md` writes from
+    the committed cell summaries, and one of its numbers checked by hand against those summaries."""
+    from piggy_lightning.experiments.spec import load_grid
+
+    manifest = json.loads((REPRODUCTION / "grid.json").read_text())
+    comparisons = load_grid(ROOT / manifest["grid_file"], ROOT).comparisons
+    import shutil
+
+    copy = shutil.copytree(REPRODUCTION, tmp_path / "reproduction")  # figures are redrawn in the copy, not the repo
+    rebuilt = write_report(copy, comparisons, tmp_path / "reproduction.md")
+    committed = (ROOT / "docs" / "reproduction.md").read_text()
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("![")]  # noqa: E731 (figure paths differ)
+    assert strip(rebuilt.read_text()) == strip(committed)
+    keys = [
+        c["key"] for c in manifest["cells"] if c["experiment"] == "table3" and c["coords"]["method"] == "treft_prefix"
+    ]
+    general = [
+        json.loads((REPRODUCTION / "cells" / k / "run/eval/fit_end/summary.json").read_text())["groups"]["general"][
+            "alignment"
+        ]
+        for k in keys
+    ]
+    row = next(line for line in committed.splitlines() if line.startswith("| treft_prefix |"))
+    assert f"{statistics.mean(general):.1f} ± {statistics.stdev(general):.1f}" in row

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from piggy_lightning.experiments.report import load_run, write_report
+from piggy_lightning.experiments.report import export_run, load_run, write_report
 from piggy_lightning.experiments.runner import plan, run_grid
 from piggy_lightning.experiments.spec import GridError, load_grid
 
@@ -34,14 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="write <run dir>/report.md from the finished cells")
     report.add_argument("run_dir")
     report.add_argument("--grid_file", help="grid file whose comparisons to add (default: the one it ran)")
+    report.add_argument("--report", help="where to write the report (default <run dir>/report.md)")
+    export = sub.add_parser("export", help="copy a run's summaries, statuses and cell configs (no checkpoints) to DEST")
+    export.add_argument("run_dir")
+    export.add_argument("dest")
+    export.add_argument("--report", help="where to write the report (default <dest>/report.md)")
     args = parser.parse_args(argv)
     root = Path.cwd()
     try:
+        if args.command == "export":
+            dest = export_run(Path(args.run_dir), Path(args.dest))
+            manifest, _, _ = load_run(dest)
+            comparisons = load_grid(manifest["grid_file"], root).comparisons
+            print(write_report(dest, comparisons, Path(args.report) if args.report else None))
+            return 0
         if args.command == "report":
             out = Path(args.run_dir)
             manifest, _, _ = load_run(out)
             comparisons = load_grid(args.grid_file or manifest["grid_file"], root).comparisons
-            print(write_report(out, comparisons))
+            print(write_report(out, comparisons, Path(args.report) if args.report else None))
             return 0
         grid = load_grid(args.grid_file, root)
         out = _out(grid.name, args.out)

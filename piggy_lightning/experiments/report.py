@@ -106,8 +106,41 @@ def paired(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], compa
     return result
 
 
-def write_report(out: Path, comparisons: tuple[Comparison, ...] = ()) -> Path:
-    """Write ``<out>/report.md`` from a grid run directory and return its path."""
+def export_run(out: Path, dest: Path) -> Path:
+    """Copy what a report reads from a grid run into ``dest``, in the same layout, without checkpoints or events.
+
+    ``grid.json``, each cell's ``status.json`` and ``cell.yaml``, and every ``run/eval/<tag>/summary.json``: small
+    text files to commit beside the report, so ``main.py grid report <dest>`` rebuilds it and a test can check the
+    report against the cells' own summaries. Machine-specific paths (the working directory, the interpreter) stay
+    in ``status.json`` as they were recorded.
+    """
+    import shutil
+
+    manifest, statuses, _ = load_run(out)
+    if dest.exists():
+        shutil.rmtree(dest / "cells", ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "grid.json", dest / "grid.json")
+    for key in statuses:
+        cell = out / "cells" / key
+        for path in [
+            cell / "status.json",
+            cell / "cell.yaml",
+            *sorted((cell / "run" / "eval").glob("**/summary.json")),
+        ]:
+            if path.is_file():
+                target = dest / path.relative_to(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+    return dest
+
+
+def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path | None = None) -> Path:
+    """Write the report of a grid run directory (default ``<out>/report.md``; figures in ``<out>/figures``)."""
+    import os
+
+    path = path or out / "report.md"
+    figures = Path(os.path.relpath(out / "figures", path.parent))
     manifest, statuses, metrics = load_run(out)
     counts = defaultdict(int)
     for status in statuses.values():
@@ -147,7 +180,7 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = ()) -> Path:
             safe = metric.replace("/", "_").replace(".", "_")
             figure = draw(rows, axes, metric, f"{name}: {metric}", out / "figures" / f"{name}__{safe}.png")
             if figure is not None:
-                lines += [f"![{name} {metric}](figures/{figure.name})", ""]
+                lines += [f"![{name} {metric}]({(figures / figure.name).as_posix()})", ""]
     if comparisons:
         lines += [
             "## Paired comparisons",
@@ -172,6 +205,5 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = ()) -> Path:
         lines += [
             f"- `{k}` {', '.join(s.get('labels', []))}: `{(s.get('error') or '').splitlines()[-1:]}`" for k, s in failed
         ]
-    path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -157,7 +157,10 @@ def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only
     cells = plan(grid, out, root)
     todo = [c for c in cells if c.status()["status"] != "done" and (only is None or any(only in x for x in c.labels))]
     done = len(cells) - len([c for c in cells if c.status()["status"] != "done"])
-    print(f"grid {grid.name}: {len(cells)} cells, {done} done, {len(todo)} to run, {workers} at a time -> {out}")
+    print(
+        f"grid {grid.name}: {len(cells)} cells, {done} done, {len(todo)} to run, {workers} at a time -> {out}",
+        flush=True,
+    )
     failed = 0
     # the overall bar on a terminal; in a log file each line carries the count instead
     bar = tqdm(total=len(todo), desc=grid.name, unit="cell", file=sys.stderr, disable=not sys.stderr.isatty())
@@ -165,7 +168,8 @@ def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only
 
     def work(cell: PlannedCell) -> tuple[PlannedCell, dict[str, Any]]:
         more = f" (+{len(cell.labels) - 1} identical)" if cell.labels[1:] else ""
-        bar.write(f"start  {cell.key}  {cell.labels[0]}{more}")
+        bar.write(f"start  {cell.key}  {cell.labels[0]}{more}", file=sys.stdout)
+        sys.stdout.flush()  # one line per cell, live also when the output is a log file
         return cell, _run_one(cell, root, grid.threads_per_cell)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -174,16 +178,18 @@ def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only
             finished += 1
             last_line = (status.get("error") or "").strip().splitlines()[-1:] or [""]
             bar.write(
-                f"{status['status']:6} {cell.key}  {cell.labels[0]}  {status['seconds']:.0f} s"
+                file=sys.stdout,
+                s=f"{status['status']:6} {cell.key}  {cell.labels[0]}  {status['seconds']:.0f} s"
                 f"  [{finished}/{len(todo)}]"
                 + (
                     f"  -> {last_line[0][:160]} (see {cell.directory / 'log.txt'})"
                     if status["status"] != "done"
                     else ""
-                )
+                ),
             )
+            sys.stdout.flush()
             failed += status["status"] != "done"
             bar.update(1)
     bar.close()
-    print(f"grid {grid.name}: {len(todo) - failed} cells finished, {failed} failed")
+    print(f"grid {grid.name}: {len(todo) - failed} cells finished, {failed} failed", flush=True)
     return failed
