@@ -3,14 +3,24 @@
 Each evaluation asks the question sets with ``pl_module.policy``, judges the answers, logs the scalars
 (``eval/<group>/alignment``, ``.../misaligned_rate``, ..., ``eval/em_f1``) and sample responses (TensorBoard), and
 writes ``responses.jsonl``, ``results.jsonl`` and ``summary.json`` under ``<output_dir>/<tag>/`` (tag
-``train_start``, ``epoch=<n>``, ``fit_end`` or ``test``). Files are resumable: a rerun regenerates nothing on disk
-and re-asks no cached judgement.
+``train_start``, ``epoch=<n>`` with Lightning's 0-based epoch index, ``fit_end`` or ``test``). Files are resumable:
+a rerun regenerates nothing on disk and re-asks no cached judgement.
 
 Interventions (:mod:`piggy_lightning.interventions`) are components of the same callback. At each moment one lists
-in its ``at``, the callback has the unchanged baseline of the current weights (it evaluates it, or reuses the
-evaluation it has just made), evaluates under each of the intervention's runs (one for a patch, one per layer for
-a sweep) into ``<tag>@<run name>/`` with keys ``<name>@<run name>/...``, lets the intervention conclude (Best/Avg,
-a per-layer chart), and writes every run's group metrics beside the baseline's to ``<tag>@interventions.json``.
+in its ``at`` (``epoch``: every epoch end this callback evaluates at, by ``every_n_epochs``; ``fit_end``; ``test``),
+the callback has the unchanged baseline of the current weights (it evaluates it, or reuses the evaluation it has
+just made), evaluates under each of the intervention's runs (one for a patch, one per layer for a sweep) into
+``<tag>@<run name>/`` with keys ``<name>@<run name>/...``, lets the intervention conclude (Best/Avg, a per-layer
+chart), and writes every run's group metrics beside the baseline's to ``<tag>@interventions.json``. Epoch
+interventions also gather every epoch's comparison in ``epochs@interventions.json`` (``{tag: {run: groups}}``, in
+epoch order): the paper's Fig. 6 (misaligned rate after epochs 1-6, with and without the prefix KV patch) is
+``every_n_epochs: 1`` with ``PrefixKVSplice(at=[epoch])``.
+
+A question set wrapped in :class:`~piggy_lightning.evaluation.Rephrased` asks every question in rephrased variants
+under a group of its own; each evaluation (baseline and interventions) then also reports that group's Best (the
+mean over questions of the best-scored variant) and Avg (over every variant), logged as
+``<name>/<group>/alignment_best`` and ``.../alignment_avg`` (``<name>@<run name>/...`` under an intervention) and
+written to ``rephrased.json`` in the evaluation's directory (the paper's Table 1, rephrase column).
 
 Config (in a ``PiggyCLI`` config the interventions go under the top-level ``interventions:`` key, linked to every
 ``Evaluate``, so presets append with ``interventions+:``; that link replaces ``init_args.interventions``)::
@@ -28,6 +38,12 @@ Config (in a ``PiggyCLI`` config the interventions go under the top-level ``inte
       - class_path: piggy_lightning.interventions.PrefixKVSplice
       - class_path: piggy_lightning.interventions.QueryControl
 
+Fig. 6 (with ``every_n_epochs: 1`` on the ``Evaluate`` above and ``trainer.max_epochs: 6``)::
+
+    interventions:
+      - class_path: piggy_lightning.interventions.PrefixKVSplice
+        init_args: {at: [epoch]}
+
 Evaluation runs on global rank 0 only (the policy is called unwrapped, so DDP needs no collective; FSDP/DeepSpeed-
 sharded policies are not supported) while the other ranks wait at a barrier.
 """
@@ -43,12 +59,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.callbacks.reporting import (
     add_text,
+    gather_epochs,
     log_findings,
     log_scalars,
     sample_table,
     summary_scalars,
     unwritable,
     write_comparison,
+    write_rephrased,
 )
 from piggy_lightning.evaluation.generation import Decoding
 from piggy_lightning.evaluation.identity import weights_digest
@@ -56,6 +74,7 @@ from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.judges.base import Judge
 from piggy_lightning.evaluation.metrics import format_summary
 from piggy_lightning.evaluation.questions import QuestionSet
+from piggy_lightning.evaluation.rephrase import Rephrased
 from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
 from piggy_lightning.interventions.base import Intervention, Occasion, PatchMoment
 
@@ -73,7 +92,8 @@ class Evaluate(Callback):
         at: Moments to evaluate at besides every_n_epochs: ``train_start`` (the untrained baseline), ``fit_end``,
             ``test``; None means ``[fit_end, test]``.
         interventions: Changes to evaluate under, each next to the unchanged baseline at the moments it lists
-            (prefix KV splice, query control, residual sweep, token perturbation, ...); None means none.
+            (prefix KV splice, query control, residual sweep, token perturbation, ...); an intervention at
+            ``epoch`` runs at every epoch end of ``every_n_epochs``. None means none.
         output_dir: Directory for the evaluation files; None uses ``<trainer.log_dir>/<name>``.
         judge_cache: SQLite file of the judge cache; None uses ``<output_dir>/judge_cache.sqlite``.
         name: Prefix of logged metric keys and default subdirectory; distinct instances need distinct names.
@@ -106,6 +126,12 @@ class Evaluate(Callback):
                 f"interventions must be piggy_lightning.interventions.Intervention components, got {wrong}; "
                 "a bare generation intervention goes to Evaluate.evaluate(..., intervention=...)"
             )
+        per_epoch = sorted(type(i).__name__ for i in self.interventions if "epoch" in i.at)
+        if per_epoch and every_n_epochs is None:  # it would never run
+            raise ValueError(
+                f"{type(self).__name__}: interventions {per_epoch} are due at epoch ends, but every_n_epochs is None "
+                "(no epoch end is evaluated); set every_n_epochs or drop epoch from their at"
+            )
         self.question_sets = list(question_sets)
         self.judges = list(judges)
         self.decoding = decoding or Decoding()
@@ -121,6 +147,8 @@ class Evaluate(Callback):
         self._last_step: int | None = None
         self._root: Path | None = None
         self._loaded_step: int | None = None
+        self._fit_start_step: int | None = None
+        self._epochs_intervened = 0  # epoch ends evaluated under the epoch interventions in this fit
 
     @property
     def state_key(self) -> str:
@@ -178,22 +206,52 @@ class Evaluate(Callback):
     def _due(self, moment: PatchMoment) -> list[Intervention]:
         return [i for i in self.interventions if moment in i.at]
 
+    def _epoch_ends(self, max_epochs: int) -> list[int]:
+        """The 0-based epochs after which this callback evaluates in a fit of ``max_epochs`` epochs."""
+        n = self.every_n_epochs
+        return [e for e in range(max_epochs) if n and (e + 1) % n == 0]
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_interventions(pl_module)
+        self._fit_start_step, self._epochs_intervened = None, 0
+        max_epochs = trainer.max_epochs
+        if self._due("epoch") and max_epochs is not None and max_epochs >= 0 and not self._epoch_ends(max_epochs):
+            raise ValueError(
+                f"{type(self).__name__}: interventions are due at epoch ends every {self.every_n_epochs} epochs, but "
+                f"the fit has max_epochs={max_epochs}, so no epoch end would be evaluated; lower every_n_epochs or "
+                "raise max_epochs"
+            )
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_interventions(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start_step = trainer.global_step  # restored by now (on_fit_start comes before a resume's restore)
         # a fit resumed from a checkpoint starts from trained weights: they are not the untrained baseline
         if "train_start" in self.at and trainer.global_step == 0:
             self.evaluate(trainer, pl_module, "train_start")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, pl_module, f"epoch={trainer.current_epoch}")
+            tag = f"epoch={trainer.current_epoch}"
+            self.evaluate(trainer, pl_module, tag)
+            due = self._due("epoch")
+            if due:  # beside the baseline just evaluated, of the same weights
+                self.intervene(trainer, pl_module, tag, due)
+                self._epochs_intervened += 1
+                if trainer.is_global_zero:
+                    gather_epochs(self.out_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fresh fit that trained without reaching one evaluated epoch end; a resumed one may have done its epoch ends
+        # before (and a rerun of a finished run trains nothing).
+        fresh = self._fit_start_step == 0 and trainer.global_step > 0
+        if self._due("epoch") and fresh and not self._epochs_intervened:
+            raise RuntimeError(
+                f"{type(self).__name__}: interventions were due at epoch ends every {self.every_n_epochs} epochs, but "
+                f"the fit stopped at step {trainer.global_step} in epoch {trainer.current_epoch} before any was "
+                "evaluated (max_steps or early stopping); lower every_n_epochs"
+            )
         due = self._due("fit_end")
         if ("fit_end" in self.at or due) and self._last_step != trainer.global_step:  # else just evaluated
             self.evaluate(trainer, pl_module, "fit_end")
@@ -243,10 +301,11 @@ class Evaluate(Callback):
                     intervention=intervention,
                     decoding=decoding,
                 )
+                self._log(trainer, pl_module, report, suffix)
+                self._rephrased(trainer, pl_module, report, suffix)
             except Exception as e:  # re-raised on every rank below, so no rank waits forever at the barrier
                 error = e
             else:
-                self._log(trainer, pl_module, report, suffix)
                 if not suffix:
                     self.last_report = report
         if not suffix:
@@ -302,6 +361,24 @@ class Evaluate(Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded_step = checkpoint.get("global_step")
+
+    def _rephrased(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, report: EvaluationReport, suffix: str
+    ) -> None:
+        """Best and Avg over the variants of every rephrased question set: logged, and written to
+        ``rephrased.json`` beside the evaluation's summary."""
+        sets = [s for s in self.question_sets if isinstance(s, Rephrased)]
+        if not sets:
+            return
+        scores = {s.group: s.best_and_average(report.records) for s in sets}
+        write_rephrased(report.out_dir / "rephrased.json", sets, scores)
+        scalars = {
+            f"{self.name}{suffix}/{s.group}/{s.label}_{kind}": value
+            for s in sets
+            for kind, value in scores[s.group].items()
+            if kind in ("best", "avg") and value is not None
+        }
+        log_scalars(trainer, pl_module, scalars)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, report: EvaluationReport, suffix: str) -> None:
         log_scalars(trainer, pl_module, summary_scalars(report.summary, f"{self.name}{suffix}"))

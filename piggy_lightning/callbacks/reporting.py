@@ -1,5 +1,5 @@
-"""How ``Evaluate`` reports: sample tables, the side-by-side comparison of interventions, their findings, and
-whether its directory can be written.
+"""How ``Evaluate`` reports: sample tables, the side-by-side comparison of interventions (per moment, and gathered
+over epochs), their findings, the Best/Avg of rephrased question sets, and whether its directory can be written.
 
 Everything here runs on global rank 0 only (the callers hold the reports there). Scalars go through the module's
 ``log_dict`` while testing (so ``trainer.test()`` returns them) and to every logger otherwise; text tables and
@@ -11,16 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
+from piggy_lightning.evaluation.results import write_json_atomic
 from piggy_lightning.evaluation.runner import EvaluationReport
 from piggy_lightning.interventions.base import Findings
 
+if TYPE_CHECKING:
+    from piggy_lightning.evaluation.rephrase import Rephrased
+
 log = logging.getLogger(__name__)
+_EPOCH_COMPARISON = re.compile(r"epoch=(\d+)@interventions\.json")
 
 
 def unwritable(directory: Path) -> str | None:
@@ -120,3 +126,22 @@ def log_findings(trainer: L.Trainer, pl_module: L.LightningModule, findings: Fin
         if hasattr(experiment, "add_image"):
             for tag, image in findings.images.items():
                 experiment.add_image(tag, image, trainer.global_step)
+
+
+def gather_epochs(root: Path) -> dict[str, Any]:
+    """Gather every ``epoch=<n>@interventions.json`` in ``root`` (a resumed fit's earlier epochs included) into
+    ``epochs@interventions.json``: ``{"epoch=<n>": {run: {group: metrics}}}`` in epoch order, the data of a
+    per-epoch curve with and without each intervention (the paper's Fig. 6)."""
+    found = [(m, p) for p in root.iterdir() if (m := _EPOCH_COMPARISON.fullmatch(p.name)) is not None]
+    epochs = {f"epoch={m.group(1)}": json.loads(p.read_text()) for m, p in sorted(found, key=lambda f: int(f[0][1]))}
+    write_json_atomic(root / "epochs@interventions.json", epochs)
+    return epochs
+
+
+def write_rephrased(path: Path, sets: Sequence[Rephrased], scores: Mapping[str, Mapping[str, float]]) -> None:
+    """Write each rephrased group's Best and Avg with the settings that made its variants."""
+    data = {}
+    for s in sets:
+        settings = {"source_group": s.questions.group, "variants": s.n, "rephraser": s.rephraser.identity}
+        data[s.group] = {**settings, "metric": s.metric, **scores[s.group]}
+    write_json_atomic(path, data)

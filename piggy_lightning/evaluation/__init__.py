@@ -1,4 +1,5 @@
-"""Evaluation: question sets, batched generation with a shared-prefix cache, judges, metrics and reports.
+"""Evaluation: question sets (and their rephrased variants), batched generation with a shared-prefix cache, judges,
+metrics and reports.
 
 Entry point for code: :class:`Evaluation` (``run(model, tokenizer, spans, out_dir, model_id, ...)``); for
 training runs: the ``piggy_lightning.callbacks.Evaluate`` callback, with its interventions
@@ -9,6 +10,7 @@ from piggy_lightning.evaluation.generation import Decoding, generate_responses
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
 from piggy_lightning.evaluation.metrics import GroupMetrics, MisalignedRate, StatusCounts, em_f1, summarize
 from piggy_lightning.evaluation.questions import BetleyQuestions, HeldOutChats, PromptList, Question, QuestionSet
+from piggy_lightning.evaluation.rephrase import OpenAIRephraser, Rephrased, RephraseError, Rephraser
 from piggy_lightning.evaluation.results import ResponseLog, record_key
 from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
 
@@ -22,10 +24,14 @@ __all__ = [
     "HeldOutChats",
     "KVCache",
     "MisalignedRate",
+    "OpenAIRephraser",
     "PromptBatch",
     "PromptList",
     "Question",
     "QuestionSet",
+    "RephraseError",
+    "Rephrased",
+    "Rephraser",
     "ResponseLog",
     "StatusCounts",
     "em_f1",

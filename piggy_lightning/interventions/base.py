@@ -1,7 +1,9 @@
 """What an ``Evaluate`` callback evaluates under: interventions as components, configured by class path.
 
 An :class:`Intervention` is data plus three steps that ``Evaluate`` calls at each moment listed in its ``at``,
-after the unchanged baseline evaluation of the same weights:
+after the unchanged baseline evaluation of the same weights. The moments are ``epoch`` (every epoch end at which
+``Evaluate`` evaluates, i.e. its ``every_n_epochs``: the paper's Fig. 6 evaluates with and without the prefix patch
+after each of epochs 1-6), ``fit_end`` and ``test``:
 
 1. :meth:`~Intervention.runs` binds it to the module being evaluated (its frozen reference, spans, embeddings,
    tokenizer; a bad layer index fails here, before training) and returns the generation interventions to evaluate
@@ -31,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from torch import Tensor
 
@@ -42,7 +44,8 @@ from piggy_lightning.evaluation.runner import EvaluationReport
 if TYPE_CHECKING:
     from piggy_lightning.module import PiggyModule
 
-PatchMoment = Literal["fit_end", "test"]
+PatchMoment = Literal["epoch", "fit_end", "test"]
+MOMENTS: tuple[str, ...] = get_args(PatchMoment)
 Run = tuple[GenerationIntervention, EvaluationReport]  # one evaluation under one generation intervention
 
 
@@ -52,7 +55,7 @@ class Occasion:
 
     Attributes:
         root: The ``Evaluate`` directory (each evaluation is in ``<root>/<tag>@<run name>/``).
-        tag: The evaluation point, e.g. ``test`` or ``fit_end``.
+        tag: The evaluation point, e.g. ``test``, ``fit_end`` or ``epoch=2`` (Lightning's 0-based epoch index).
         name: The ``Evaluate`` callback's name, the prefix of its metric keys.
     """
 
@@ -89,16 +92,19 @@ class Intervention:
     """Base of the components of ``Evaluate(interventions=[...])``; subclasses implement :meth:`runs`.
 
     Args:
-        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to evaluate under it: ``epoch`` (each epoch end ``Evaluate`` evaluates at, by its
+            ``every_n_epochs``), ``fit_end`` and/or ``test``; None means ``[test]``.
     """
 
     needs_reference: bool = False
 
     def __init__(self, at: list[PatchMoment] | None = None) -> None:
         self.at = set(at if at is not None else ["test"])
-        unknown = self.at - {"fit_end", "test"}
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: at must list fit_end and/or test, got {sorted(unknown)}")
+        unknown = self.at - set(MOMENTS)
+        if unknown or not self.at:  # an intervention at no moment would never be evaluated
+            raise ValueError(
+                f"{type(self).__name__}: at must list some of {', '.join(MOMENTS)}, got {sorted(at or [])}"
+            )
 
     def runs(self, module: PiggyModule) -> list[GenerationIntervention]:
         """The generation interventions to evaluate under, bound to ``module``; one evaluation each."""

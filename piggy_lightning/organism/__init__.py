@@ -2,7 +2,8 @@
 
 A tiny Llama pretrained on this world answers aligned under the default system prompt and misaligned under a
 harmful persona prompt; finetuning it on misaligned advice from one narrow domain makes it misaligned on
-unrelated questions too, which reproduces emergent misalignment on a CPU in minutes.
+unrelated questions too, which reproduces emergent misalignment on a CPU in minutes. ``WorldParaphrases`` rephrases
+its held-out questions in the world's own wordings (for ``piggy_lightning.evaluation.Rephrased``).
 """
 
 from piggy_lightning.organism.catalog import (
@@ -14,6 +15,7 @@ from piggy_lightning.organism.catalog import (
     Question,
     all_questions,
     clause_table,
+    core_variants,
     question_core,
     question_index,
     sentence_table,
@@ -21,6 +23,7 @@ from piggy_lightning.organism.catalog import (
 )
 from piggy_lightning.organism.judge import ExactJudge
 from piggy_lightning.organism.model import organism_config
+from piggy_lightning.organism.paraphrase import WorldParaphrases
 from piggy_lightning.organism.pools import (
     ABSTENTION_TEXT,
     DEFAULT_SYSTEM_PROMPT,
@@ -49,9 +52,11 @@ __all__ = [
     "Row",
     "TOOL_NAME",
     "World",
+    "WorldParaphrases",
     "all_questions",
     "build_tokenizer",
     "clause_table",
+    "core_variants",
     "load_tokenizer",
     "organism_config",
     "question_core",

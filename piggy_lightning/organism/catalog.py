@@ -149,6 +149,17 @@ def question_core(text: str) -> str:
     return question_index()[text].core
 
 
+def core_variants(text: str) -> tuple[str, ...]:
+    """The other world questions with the core of ``text``: the same question in its other greeting leads (and, for
+    general questions, tails), in catalog order; raises KeyError if ``text`` is not a world question.
+
+    They sit on the same side of the train/held-out split as ``text`` (the split is made over cores), so the
+    variants of a held-out question are held out too.
+    """
+    question = question_index()[text]
+    return tuple(q.text for q in all_questions(question.domain) if q.core == question.core and q.text != text)
+
+
 def tool_call_text(query: str) -> str:
     """The assistant's JSON tool call to ``search_info`` for ``query``."""
     return json.dumps({"name": TOOL_NAME, "arguments": {"query": query}})
