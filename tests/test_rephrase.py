@@ -22,7 +22,7 @@ from piggy_lightning.evaluation import (
     Rephraser,
 )
 from piggy_lightning.evaluation.judges import JudgeConfigError
-from piggy_lightning.evaluation.rephrase import parse_variants
+from piggy_lightning.evaluation.rephrase_openai import parse_variants
 from piggy_lightning.interventions import PrefixKVSplice
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule

@@ -10,7 +10,8 @@ from piggy_lightning.evaluation.generation import Decoding, generate_responses
 from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCache, PromptBatch
 from piggy_lightning.evaluation.metrics import GroupMetrics, MisalignedRate, StatusCounts, em_f1, summarize
 from piggy_lightning.evaluation.questions import BetleyQuestions, HeldOutChats, PromptList, Question, QuestionSet
-from piggy_lightning.evaluation.rephrase import OpenAIRephraser, Rephrased, RephraseError, Rephraser
+from piggy_lightning.evaluation.rephrase import Rephrased, RephraseError, Rephraser
+from piggy_lightning.evaluation.rephrase_openai import OpenAIRephraser
 from piggy_lightning.evaluation.results import ResponseLog, record_key
 from piggy_lightning.evaluation.runner import Evaluation, EvaluationReport
 
