@@ -1,19 +1,19 @@
-"""The chat-SFT DataModule base: read, validate, template, tokenize (once, cached on disk), split, pad and batch.
+"""The chat-SFT DataModule base: read, validate, split, transform, template, tokenize (once, cached on disk), pad and
+batch (the batch format is in ``batch.py``).
 
-A batch is a ``dict[str, Tensor]`` with right padding:
+Narrow tasks are thin subclasses that set their default files and a ``version`` string, logged with the
+hyperparameters so that a change in data processing shows in the run's ``hparams.yaml``.
 
-* ``input_ids``, ``attention_mask``: ``(B, T)``;
-* ``labels``: ``(B, T)`` token ids on response tokens, -100 elsewhere (loss on responses only);
-* ``prefix_mask``, ``query_mask``, ``postfix_mask``, ``response_mask``: ``(B, T)`` booleans (see ``spans.py``).
+The rows are prepared in this order: every training source is read and validated (``train_data`` may list several,
+e.g. the four misaligned domains of a multi-domain run; every row keeps its source and row number, which errors
+name); when ``val_data`` is None, ``val_fraction`` of *each* source is held out (seeded by ``seed``, so a source's
+split does not depend on the others listed); then ``transforms`` (``transforms.py``: subsampling, noisy mixes,
+system prompts) apply in order to the training rows, and the per-row ones to the validation rows too.
 
-Callbacks that touch batches replace values by key and never rebind the dict. Narrow tasks are thin subclasses
-that set their default files and a ``version`` string, logged with the hyperparameters so that a change in data
-processing shows in the run's ``hparams.yaml``.
-
-Tokenization runs once per source: ``prepare_data`` (one process per node, before any ``setup``) encodes the
-training and validation sources with ``datasets.map`` into the on-disk cache of ``cache.py``, and ``setup`` on every
-rank loads them from it; a later run with the same data, tokenizer, template and settings tokenizes nothing. The
-training loader is a ``StatefulDataLoader`` whose position Lightning checkpoints (``sampling.py``).
+Tokenization runs once: ``prepare_data`` (one process per node, before any ``setup``) encodes the training and
+validation rows with ``datasets.map`` into the on-disk cache of ``cache.py``, and ``setup`` on every rank loads them
+from it; a later run with the same rows, tokenizer, template and settings tokenizes nothing. The training loader is
+a ``StatefulDataLoader`` whose position Lightning checkpoints (``sampling.py``).
 """
 
 from __future__ import annotations
@@ -21,81 +21,49 @@ from __future__ import annotations
 import logging
 import warnings
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
-import torch
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from piggy_lightning.data.cache import (
-    SPAN_LABELS,
-    cache_root,
-    entry_key,
-    load_entry,
-    save_entry,
-    to_examples,
-    tokenize_rows,
-)
-from piggy_lightning.data.io import DataError, read_chats
+from piggy_lightning.data.batch import batch_size, batch_tokens, collate
+from piggy_lightning.data.cache import encode_cached
+from piggy_lightning.data.encoding import RowEncoder, Truncation
+from piggy_lightning.data.io import ChatRow, read_rows
 from piggy_lightning.data.sampling import EpochShuffle
+from piggy_lightning.data.transforms import ChatTransform, TransformContext, apply_transforms, split_rows
 from piggy_lightning.modeling import load_tokenizer
-from piggy_lightning.spans import SPAN_NAMES, ChatSpans, TokenizedChat
+from piggy_lightning.spans import ChatSpans, TokenizedChat
 
+__all__ = ["ChatSFTDataModule", "batch_size", "batch_tokens", "collate"]  # the batch helpers' former home
 log = logging.getLogger(__name__)
-Truncation = Literal["error", "truncate", "skip"]
-# Share of query/response tokens that are the unknown token above which encoding warns: real text through a
-# tokenizer built for other text (e.g. the organism's word-level vocabulary) becomes mostly unknown tokens.
-UNK_WARN_SHARE = 0.05
-_SPAN_CODE = {label: code for code, label in enumerate(SPAN_LABELS)}
 
 
-def collate(examples: list[TokenizedChat], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad tokenized chats into a batch dict (see module docstring)."""
-    width = max(len(e.input_ids) for e in examples)
-    batch = {
-        "input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(len(examples), width, dtype=torch.long),
-        "labels": torch.full((len(examples), width), -100, dtype=torch.long),
-    }
-    batch.update({f"{name}_mask": torch.zeros(len(examples), width, dtype=torch.bool) for name in SPAN_NAMES})
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids = torch.tensor(example.input_ids, dtype=torch.long)
-        batch["input_ids"][row, :n] = ids
-        batch["attention_mask"][row, :n] = 1
-        for name in SPAN_NAMES:
-            batch[f"{name}_mask"][row, :n] = torch.tensor(example.mask(name))
-        response = batch["response_mask"][row, :n]
-        batch["labels"][row, :n] = torch.where(response, ids, torch.full_like(ids, -100))
-    return batch
-
-
-def batch_size(batch: dict[str, Tensor]) -> int:
-    """Examples in a batch (``ThroughputMonitor``'s ``batch_size_fn``)."""
-    return batch["input_ids"].size(0)
-
-
-def batch_tokens(batch: dict[str, Tensor]) -> int:
-    """Non-padding tokens in a batch (``ThroughputMonitor``'s ``length_fn``: its items are tokens)."""
-    return int(batch["attention_mask"].sum())
+def _listed(sources: str | list[str] | None) -> list[str]:
+    return [] if sources is None else [sources] if isinstance(sources, str) else list(sources)
 
 
 class ChatSFTDataModule(L.LightningDataModule):
     """Supervised finetuning on chat rows with token-level span masks.
 
     Args:
-        train_data: A ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name with ``{"messages": [...]}`` rows;
-            None uses the task's shipped organism file (``default_train_data``).
-        val_data: A separate validation source; when None, ``val_fraction`` of ``train_data`` is held out.
+        train_data: A ``.jsonl``/``.json``/``.parquet`` file or a ``datasets`` name with ``{"messages": [...]}`` rows,
+            or a list of them, trained on together (multi-domain EM); None uses the task's shipped organism file
+            (``default_train_data``).
+        val_data: A separate validation source (or list); when None, ``val_fraction`` of every ``train_data``
+            source is held out.
         tokenizer: Tokenizer id or directory (linked to ``model.model_name_or_path`` by the CLI).
         gguf_file: GGUF file name when the tokenizer comes from a GGUF checkpoint (linked to the model's).
         chat_template_kwargs: Extra ``apply_chat_template`` arguments (linked to the model's).
         postfix_exclude: Template text ending a postfix that is labelled ``other`` (linked to the model's).
-        drop_system: Drop system messages so the template's default system prompt is used (the paper's setting).
-        val_fraction: Share of training rows held out for validation when ``val_data`` is None.
-        seed: Seed of the train/validation split and of the per-epoch shuffle.
+        drop_system: Drop the rows' own system messages so the template's default system prompt is used (the paper's
+            setting); a system prompt set by a ``SystemPrompt`` transform is always kept.
+        transforms: Steps applied in order to the validated training rows after the validation split and before
+            tokenization (``piggy_lightning.data.Subsample``, ``NoisyMix``, ``SystemPrompt``; see ``transforms.py``).
+        val_fraction: Share of each training source held out for validation when ``val_data`` is None.
+        seed: Seed of the train/validation split, of the per-epoch shuffle and of transforms without their own.
         max_length: Maximum tokens per example.
         truncation: Over-long examples: ``error`` raises; ``truncate`` cuts the tail (a row left without response
             tokens is skipped and reported); ``skip`` drops the row and reports it.
@@ -111,13 +79,14 @@ class ChatSFTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_data: str | None = None,
-        val_data: str | None = None,
+        train_data: str | list[str] | None = None,
+        val_data: str | list[str] | None = None,
         tokenizer: str = "piggy/organism",
         gguf_file: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         postfix_exclude: str | None = None,
         drop_system: bool = True,
+        transforms: list[ChatTransform] | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         max_length: int = 2048,
@@ -129,17 +98,25 @@ class ChatSFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         train_data = train_data or self.default_train_data
-        if train_data is None:
-            raise ValueError(f"{type(self).__name__} needs train_data (a file or a datasets name)")
+        if not train_data:
+            raise ValueError(f"{type(self).__name__} needs train_data (a file or a datasets name, or a list of them)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters()
+        self.transforms = list(transforms or [])
+        for i, transform in enumerate(self.transforms):
+            if not isinstance(transform, ChatTransform):
+                raise TypeError(f"transforms[{i}] must be a ChatTransform, got {type(transform).__name__}")
+        self.save_hyperparameters(ignore=["transforms"])  # plain data only: checkpoints load with weights_only
         self.hparams["train_data"] = train_data
+        self.hparams["transforms"] = [t.config() for t in self.transforms]
         self.hparams["version"] = self.version
         self.train_set: list[TokenizedChat] | None = None
         self.val_set: list[TokenizedChat] = []
+        self.train_rows: list[ChatRow] = []  # where train_set[i] came from (appended examples have no entry)
+        self._read_skipped: dict[str, int] = {}  # invalid rows skipped per source, for the warnings
         self.tokenizer = None
         self.spans: ChatSpans | None = None
+        self._encoder: RowEncoder | None = None
         self._train_loader: StatefulDataLoader | None = None
         self._resume_position: dict[str, Any] | None = None  # a checkpoint's loader state, for the next loader
         self.stats: dict[str, int] = {}
@@ -151,128 +128,88 @@ class ChatSFTDataModule(L.LightningDataModule):
         file is processed exactly like the training data. The rows are read and validated on every call (errors
         name file, row and field); their tokens come from the on-disk cache (``cache.py``), and only a source not
         in it is tokenized, with ``datasets.map``. Rows whose default-prompt prefix tokenizes differently from the
-        template's (see :meth:`_prefix_problem`) raise here, where file and row are known, rather than later in a
-        prefix regularizer; a high share of unknown tokens is logged as a warning, from the cache too.
+        template's (see :meth:`RowEncoder.prefix_problem`) raise here, where file and row are known, rather than
+        later in a prefix regularizer; a high share of unknown tokens is logged as a warning, from the cache too.
+        The ``transforms`` do not apply: they shape the training data only.
         """
         if self.spans is None:
             raise RuntimeError(f"{type(self).__name__}.encode needs setup() first (it loads the tokenizer)")
-        hp = self.hparams
-        chats, read = read_chats(source, skip_invalid=hp.skip_invalid)
-        settings = {k: hp[k] for k in ("chat_template_kwargs", "postfix_exclude", "drop_system", "max_length")}
-        settings.update(truncation=hp.truncation, skip_invalid=hp.skip_invalid, version=self.version)
-        path = cache_root(hp.get("cache_dir")) / entry_key(chats, read.rows, self.tokenizer, settings)
-        entry = load_entry(path)
-        if entry is None:
-            entry = tokenize_rows(source, chats, read.rows, partial(self._encode_row, source))
-            if entry[1]["kept"]:
-                save_entry(path, *entry)
-        table, report = entry
-        examples = to_examples(table)
-        self.stats[source] = len(examples)
-        self._warn(source, report, len(read.skipped))
-        if not examples:
-            raise ValueError(f"{source}: no usable rows")
+        examples, _ = self._encode_rows(self._read(source))
         return examples
 
-    def _encode_row(self, source: str, example: dict[str, Any]) -> dict[str, Any]:
-        """Template and tokenize one validated row (``datasets.map``'s function); ``status`` is ``kept``,
-        ``truncated``, ``dropped`` or ``misfit`` (skipped, see :meth:`_prefix_problem`)."""
+    def _read(self, source: str) -> list[ChatRow]:
+        """Read and validate ``source`` (errors name file, row and field), noting how many rows it skipped."""
+        rows, report = read_rows(source, skip_invalid=self.hparams.skip_invalid)
+        self._read_skipped[report.source] = len(report.skipped)
+        return rows
+
+    def _rows(self, announce: bool) -> tuple[list[ChatRow], list[ChatRow]]:
+        """The training rows (split off and transformed) and the validation rows (see the module docstring); with
+        ``announce``, the counts and what each transform did are printed (on global rank 0)."""
         hp = self.hparams
-        row, messages = example["row"], example["messages"]
-        out = {"input_ids": [], "spans": [], "status": "kept", "field": "", "problem": "", "n_unk": 0, "n_text": 0}
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        if hp.drop_system:
-            messages = [m for m in messages if m["role"] != "system"]
-        chat = self.spans.tokenize(messages)
-        if not any(m["role"] == "system" for m in messages):
-            problem = self._prefix_problem(chat)
-            if problem is not None:
-                error = DataError(source, row, f"messages[{first_user}].content", problem)
-                if not hp.skip_invalid:
-                    raise error
-                return {**out, "status": "misfit", "field": error.field, "problem": problem}
-        unk_id = self.tokenizer.unk_token_id
-        if unk_id is not None:
-            text = [t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s in ("query", "response")]
-            out.update(n_unk=text.count(unk_id), n_text=len(text))
-        if len(chat.input_ids) > hp.max_length:
-            if hp.truncation == "error":
-                raise ValueError(f"{source}, row {row}: {len(chat.input_ids)} tokens exceed max_length={hp.max_length}")
-            if hp.truncation == "skip" or "response" not in chat.spans[: hp.max_length]:
-                return {**out, "status": "dropped"}
-            chat = TokenizedChat(chat.input_ids[: hp.max_length], chat.spans[: hp.max_length])
-            out["status"] = "truncated"
-        return {**out, "input_ids": chat.input_ids, "spans": [_SPAN_CODE[s] for s in chat.spans]}
+        train: list[ChatRow] = []
+        val: list[ChatRow] = []
+        for source in _listed(hp.train_data):
+            rows = self._read(source)
+            if hp.val_data is None:  # each source on its own: its split does not depend on the others listed
+                rows, held_out = split_rows(rows, hp.val_fraction, hp.seed)
+                val += held_out
+            train += rows
+        for source in _listed(hp.val_data):
+            val += self._read(source)
+        report = rank_zero_info if announce else log.debug
+        context = TransformContext(read=self._read, held_out=val, seed=hp.seed, report=report)
+        return apply_transforms(self.transforms, train, val, context)
 
-    def _warn(self, source: str, report: dict[str, Any], n_read_skipped: int) -> None:
-        """Log what encoding ``source`` did not keep as is (also when its tokens come from the cache)."""
-        n_unk, n_text = report["n_unk"], report["n_text"]
-        if n_text and n_unk / n_text > UNK_WARN_SHARE:
-            unk = self.tokenizer.unk_token
-            log.warning(
-                "%s: %.1f%% of query and response tokens (%d of %d) are the unknown token %r: the tokenizer's "
-                "vocabulary does not cover this text, so the model sees %r in place of those words",
-                source, 100 * n_unk / n_text, n_unk, n_text, unk, unk,
-            )  # fmt: skip
-        misfits = [DataError(source, row, field, problem) for row, field, problem in report["misfits"]]
-        skipped = n_read_skipped + len(misfits)
-        if report["truncated"] or report["dropped"] or skipped:
-            log.warning(
-                "%s: %d rows kept, %d truncated, %d over max_length dropped, %d invalid skipped%s",
-                source, report["kept"], report["truncated"], report["dropped"], skipped,
-                "".join(f"\n  skipped: {e}" for e in misfits[:5]),  # read_chats logged its own skips
-            )  # fmt: skip
+    def _encode_rows(self, rows: list[ChatRow], **settings: Any) -> tuple[list[TokenizedChat], list[int]]:
+        """Tokenize ``rows`` (from the cache when it holds them): the kept examples and their indices in ``rows``.
 
-    def _prefix_problem(self, chat: TokenizedChat) -> str | None:
-        """Why a row without a system message does not start with the template's default prefix, or None.
-
-        Every default-prompt row should carry ``spans.anatomy.prefix_ids``; on a BPE tokenizer, user content
-        that starts with whitespace (a blank line) merges with the user header's last token and shifts the
-        boundary, which prefix regularizers and drift monitors would otherwise report as a custom system prompt.
+        ``settings`` join the encoding settings in the cache key (the training rows add their transforms).
         """
-        expected = self.spans.anatomy.prefix_ids
-        prefix = tuple(t for t, s in zip(chat.input_ids, chat.spans, strict=True) if s == "prefix")
-        if prefix == expected:
-            return None
-        pairs = zip(prefix, expected, strict=False)
-        pos = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prefix), len(expected)))
-        decode = self.tokenizer.decode
-        got = decode([chat.input_ids[pos]]) if pos < len(chat.input_ids) else "<end>"
-        want = decode([expected[pos]]) if pos < len(expected) else "<end of prefix>"
-        return (
-            f"the prompt prefix differs from the template's default prefix at token {pos}: {got!r} where the "
-            f"template has {want!r} ({len(prefix)} prefix tokens, expected {len(expected)}); user content that "
-            "starts with whitespace merges with the user header, so strip leading whitespace from the user turn"
+        hp = self.hparams
+        settings.update({k: hp[k] for k in ("chat_template_kwargs", "postfix_exclude", "drop_system", "max_length")})
+        settings.update(truncation=hp.truncation, skip_invalid=hp.skip_invalid, version=self.version)
+        sources = list(dict.fromkeys(r.source for r in rows))
+        label = ", ".join(sources) or str(hp.train_data)
+        examples, positions, report = encode_cached(
+            label, rows, self._encoder, self.tokenizer, settings, hp.get("cache_dir")
         )
+        self.stats[label] = len(examples)
+        self._encoder.warn(label, report, sum(self._read_skipped.get(s, 0) for s in sources))
+        if not examples:
+            raise ValueError(f"{label}: no usable rows")
+        return examples, positions
 
     def _load_encoder(self) -> None:
         if self.spans is None:
             hp = self.hparams
             self.tokenizer = load_tokenizer(hp.tokenizer, hp.gguf_file)
             self.spans = ChatSpans(self.tokenizer, hp.chat_template_kwargs, postfix_exclude=hp.postfix_exclude)
+            self._encoder = RowEncoder(self.spans, hp.drop_system, hp.max_length, hp.truncation, hp.skip_invalid)
+
+    def _encode_split(self, announce: bool) -> tuple[list[TokenizedChat], list[TokenizedChat], list[ChatRow]]:
+        """The training and validation examples, tokenized as one cache entry, and the training examples' rows."""
+        self._load_encoder()
+        train, val = self._rows(announce)
+        examples, positions = self._encode_rows(train + val, transforms=self.hparams.transforms)
+        n = len(train)
+        train_set = [e for e, p in zip(examples, positions, strict=True) if p < n]
+        val_set = [e for e, p in zip(examples, positions, strict=True) if p >= n]
+        if not train_set:
+            raise ValueError(f"{self.hparams.train_data}: no usable training rows")
+        if val and not val_set:
+            raise ValueError(f"{self.hparams.val_data or self.hparams.train_data}: no usable validation rows")
+        return train_set, val_set, [train[p] for p in positions if p < n]
 
     def prepare_data(self) -> None:
-        """Tokenize the training and validation sources into the cache, once per node before any rank's ``setup``."""
-        self._load_encoder()
-        for source in (self.hparams.train_data, self.hparams.val_data):
-            if source is not None:
-                self.encode(source)
+        """Tokenize the training and validation rows into the cache, once per node before any rank's ``setup``."""
+        self._encode_split(announce=False)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer and the encoded sources (from the cache ``prepare_data`` filled; encoded here when it
-        was not called, e.g. outside a trainer), then split off the validation rows."""
-        if self.train_set is not None:
-            return
-        hp = self.hparams
-        self._load_encoder()
-        examples = self.encode(hp.train_data)
-        if hp.val_data is not None:
-            self.train_set, self.val_set = examples, self.encode(hp.val_data)
-            return
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        n_val = int(round(len(examples) * hp.val_fraction))
-        self.val_set = [examples[i] for i in order[:n_val]]
-        self.train_set = [examples[i] for i in sorted(order[n_val:])]
+        """Load the tokenizer and the encoded rows (from the cache ``prepare_data`` filled; encoded here when it
+        was not called, e.g. outside a trainer)."""
+        if self.train_set is None:
+            self.train_set, self.val_set, self.train_rows = self._encode_split(announce=True)
 
     def train_dataloader(self) -> StatefulDataLoader:
         """``train_set`` in :class:`EpochShuffle` order, split over the data-parallel ranks, from a

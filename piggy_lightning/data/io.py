@@ -4,7 +4,9 @@ Accepted sources: local ``.jsonl``, ``.json`` (a list of rows) and ``.parquet`` 
 (``name`` or ``name:config``) loaded with :func:`datasets.load_dataset`. Rows are ``{"messages": [{"role", "content"},
 ...]}``; OpenAI-style content parts (``{"content_type": "text", "parts": [...]}`` or a list of ``{"type": "text",
 "text": ...}``) are joined into plain text. Nothing is dropped silently: an invalid row raises
-:class:`DataError`, or, with ``skip_invalid``, is counted and reported in a :class:`ReadReport`.
+:class:`DataError`, or, with ``skip_invalid``, is counted and reported in a :class:`ReadReport`. :func:`read_rows`
+returns each valid row as a :class:`ChatRow` that remembers its source and row number, so that every later step
+(transforms, tokenization) can name where a row came from.
 """
 
 from __future__ import annotations
@@ -76,6 +78,25 @@ class ReadReport:
         """One line for logs: counts and the first skip reasons."""
         text = f"{self.source}: kept {self.kept} rows, skipped {len(self.skipped)}"
         return text + "".join(f"\n  skipped: {e}" for e in self.skipped[:5])
+
+
+@dataclass(frozen=True)
+class ChatRow:
+    """One validated chat and where it came from.
+
+    Attributes:
+        source: The file path (shipped names resolved) or dataset name it was read from.
+        row: Its 1-based row number there (see :class:`DataError`).
+        messages: Its validated messages, as in the source.
+        system: A system prompt set by a transform (``SystemPrompt``): it replaces the row's own system messages
+            when the row is tokenized, whatever ``drop_system`` says. None keeps the row's own system messages,
+            or drops them under ``drop_system``.
+    """
+
+    source: str
+    row: int
+    messages: list[dict[str, str]]
+    system: str | None = None
 
 
 def _content_text(content: Any, source: str, row: int, where: str) -> str:
@@ -206,3 +227,9 @@ def read_chats(
     if report.skipped:
         log.warning(report.summary())
     return chats, report
+
+
+def read_rows(source: str, skip_invalid: bool = False) -> tuple[list[ChatRow], ReadReport]:
+    """Read and validate every row of a training source (see :func:`read_chats`) as :class:`ChatRow` objects."""
+    chats, report = read_chats(source, skip_invalid=skip_invalid)
+    return [ChatRow(report.source, row, chat) for row, chat in zip(report.rows, chats, strict=True)], report
