@@ -159,5 +159,3 @@ class Rephrased(QuestionSet):
             return {"best": None, "avg": None, "questions": 0, "answers": 0}
         best = sum(max(ss) for ss in scores.values()) / len(scores)
         return {"best": best, "avg": sum(answers) / len(answers), "questions": len(scores), "answers": len(answers)}
-
-

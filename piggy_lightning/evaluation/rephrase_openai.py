@@ -43,6 +43,7 @@ Question: {question}"""
 
 _TEXT_KEYS = ("question", "text", "rephrasing", "variant", "rewrite")
 
+
 def _json_values(text: str) -> list[Any]:
     """The outermost JSON arrays and objects in ``text``, in order (in a fenced block, or with prose around them);
     values nested in them are not candidates of their own."""
