@@ -133,9 +133,11 @@ def test_set_dotted_indexes_lists_and_refuses_missing_paths():
     tree = {"model": {"regularizers": [{"class_path": "X", "init_args": {"weight": 1.0}}]}, "trainer": {"max_steps": 1}}
     set_dotted(tree, "model.regularizers.0.init_args.weight", 5.0, "here")
     assert tree["model"]["regularizers"][0]["init_args"]["weight"] == 5.0
+    set_dotted(tree, "model.regularizers.1", {"class_path": "Y"}, "here")  # one past the end appends
+    assert [r["class_path"] for r in tree["model"]["regularizers"]] == ["X", "Y"]
     set_dotted(tree, "trainer.new_key", 2, "here")
     assert tree["trainer"]["new_key"] == 2
-    with pytest.raises(GridError, match=r"here: 'model\.regularizers\.3': index '3' is not in a list of 1"):
+    with pytest.raises(GridError, match=r"here: 'model\.regularizers\.3': index '3' is not in a list of 2"):
         set_dotted(tree, "model.regularizers.3.init_args.weight", 1.0, "here")
     with pytest.raises(GridError, match="is a value"):
         set_dotted(tree, "trainer.max_steps.x", 1, "here")
@@ -320,3 +322,19 @@ def test_committed_reproduction_report_equals_its_cells(tmp_path):
     ]
     row = next(line for line in committed.splitlines() if line.startswith("| treft_prefix |"))
     assert f"{statistics.mean(general):.1f} ± {statistics.stdev(general):.1f}" in row
+
+
+@pytest.mark.parametrize("grid_file", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_grids_expand_and_every_variant_resolves(grid_file):
+    """Every committed grid parses, and one cell per axis value resolves (its overrides type-check), so a dotted key
+    that misses the resolved config fails here, not an hour into a run."""
+    grid = load_grid(grid_file, ROOT)
+    assert grid.cells()
+    for experiment in grid.experiments.values():
+        seen: set[tuple[str, str]] = set()
+        for cell in experiment.cells():
+            if set(cell.coords) <= seen:
+                continue
+            seen |= set(cell.coords)
+            tree = resolve_cell(cell, ROOT)
+            assert tree["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger"), cell.label

@@ -262,7 +262,8 @@ def _comparison(where: str, raw: Any, experiments: dict[str, Experiment]) -> Com
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
-    """Set ``tree[a][b]...`` from ``a.b...``; numeric parts index lists. The path must exist except its last part.
+    """Set ``tree[a][b]...`` from ``a.b...``; numeric parts index lists (the last one may be one past the end, which
+    appends). The path must exist except its last part.
 
     Args:
         tree: A resolved config (nested dicts and lists), edited in place.
@@ -276,9 +277,12 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
         node = _child(node, part, ".".join(parts[: i + 1]), where)
     last = parts[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
+        if not last.isdigit() or int(last) > len(node):
             raise GridError(f"{where}: {key!r}: index {last!r} is not in a list of {len(node)}")
-        node[int(last)] = value
+        if int(last) == len(node):  # one past the end appends, e.g. another question set
+            node.append(value)
+        else:
+            node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
