@@ -81,7 +81,7 @@ class ActivationPatch(_ReadsReference):
 
     Args:
         site: What, where and in which layers to patch, and from which reference prompt.
-        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to evaluate under it: ``epoch`` (each evaluated epoch end), ``fit_end``, ``test``; None: ``[test]``.
     """
 
     def __init__(self, site: PatchSite, at: list[PatchMoment] | None = None) -> None:
@@ -160,7 +160,7 @@ class QueryControl(ActivationPatch):
 
     Args:
         layers: Decoder layers to patch (0-based, negative from the end); None patches every layer.
-        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to evaluate under it: ``epoch`` (each evaluated epoch end), ``fit_end``, ``test``; None: ``[test]``.
     """
 
     def __init__(self, layers: list[int] | None = None, at: list[PatchMoment] | None = None) -> None:
@@ -178,7 +178,7 @@ class PrefixKVSplice(_ReadsReference):
 
     Args:
         layers: Decoder layers to splice (0-based, negative from the end); None splices every layer.
-        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to evaluate under it: ``epoch`` (each evaluated epoch end), ``fit_end``, ``test``; None: ``[test]``.
     """
 
     def __init__(self, layers: list[int] | None = None, at: list[PatchMoment] | None = None) -> None:

@@ -68,7 +68,7 @@ class Perturb(Intervention, GenerationIntervention):
         temperature: Sampling temperature of the trials (the release: 0.7; 0 decodes greedily).
         top_p: Nucleus mass of the trials (the release: 0.9).
         metric: Judge metric of Best and Avg.
-        at: Moments to evaluate under it: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to evaluate under it: ``epoch`` (each evaluated epoch end), ``fit_end``, ``test``; None: ``[test]``.
         name: Tags records, files and metric keys; None derives ``perturb_<segment>_<replacer label>``.
     """
 

@@ -43,7 +43,7 @@ class ResidualSweep(Intervention):
         positions: Positions patched at each layer: the ``prefix`` (the paper) or the ``postfix``.
         group: Question group of the curve.
         metric: Metric of the curve (a key of the summary's group metrics, e.g. ``alignment``).
-        at: Moments to sweep: ``fit_end`` and/or ``test``; None means ``[test]``.
+        at: Moments to sweep: ``epoch`` (each epoch end Evaluate evaluates), ``fit_end``, ``test``; None: ``[test]``.
         name: Prefix of the curve's metric keys and files; distinct sweeps need distinct names.
     """
 
