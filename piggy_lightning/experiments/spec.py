@@ -56,6 +56,7 @@ class Axis:
 
     name: str
     variants: tuple[Variant, ...]
+    sweep: bool = False  # `keys` + `values`: every variant sets the same keys
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _axis(where: str, name: str, raw: Any, root: Path) -> Axis:
     values = raw["values"]
     if not isinstance(values, list) or not values:
         raise GridError(f"{where}.values: must be a non-empty list")
-    return Axis(name, tuple(Variant(str(v), (), tuple((k, v) for k in keys)) for v in values))
+    return Axis(name, tuple(Variant(str(v), (), tuple((k, v) for k in keys)) for v in values), sweep=True)
 
 
 def load_grid(path: str | Path, root: str | Path = ".") -> Grid:
