@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +55,13 @@ def _parser() -> Any:
         sys.argv = argv
 
 
+def _dump(config: Any) -> dict[str, Any]:
+    return yaml.safe_load(_parser().dump(config))
+
+
 def parse_config(configs: list[str | Path]) -> dict[str, Any]:
     """The complete ``fit`` config that ``configs`` merge into, as plain YAML data (link targets omitted)."""
-    parser = _parser()
-    return yaml.safe_load(parser.dump(parser.parse_args([a for c in configs for a in ("--config", str(c))])))
+    return _dump(_parser().parse_args([a for c in configs for a in ("--config", str(c))]))
 
 
 def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
@@ -77,14 +79,10 @@ def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
         return tree
     for key, value in cell.overrides:
         set_dotted(tree, key, value, cell.label)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(tree, handle, sort_keys=False)
     try:
-        return parse_config([handle.name])
+        return _dump(_parser().parse_object(tree))  # the edited config checked and normalized like a file
     except SystemExit as err:
         raise GridError(f"{cell.label}: overrides {dict(cell.overrides)} give an invalid config (see above)") from err
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
 
 
 def config_key(tree: dict[str, Any]) -> str:

@@ -100,7 +100,7 @@ def plan(grid: Grid, out: Path, root: Path) -> list[PlannedCell]:
     for entry in planned.values():
         entry.directory.mkdir(parents=True, exist_ok=True)
         (entry.directory / "cell.yaml").write_text(yaml.safe_dump(entry.config, sort_keys=False))
-        command = " ".join(shlex.quote(a) for a in _command(entry, root, grid.threads_per_cell, resume=False))
+        command = " ".join(shlex.quote(a) for a in _command(entry, root, resume=False))
         (entry.directory / "command.sh").write_text(
             f"#!/usr/bin/env bash\n# {', '.join(entry.labels)}\ncd {shlex.quote(str(root.resolve()))}\n"
             f"OMP_NUM_THREADS={grid.threads_per_cell} {command}\n"
@@ -108,7 +108,7 @@ def plan(grid: Grid, out: Path, root: Path) -> list[PlannedCell]:
     return list(planned.values())
 
 
-def _command(cell: PlannedCell, root: Path, threads: int, resume: bool) -> list[str]:
+def _command(cell: PlannedCell, root: Path, resume: bool) -> list[str]:
     main = str((root / "main.py").resolve())
     command = [sys.executable, main, "fit", "--config", str((cell.directory / "cell.yaml").resolve())]
     if resume:
@@ -118,7 +118,7 @@ def _command(cell: PlannedCell, root: Path, threads: int, resume: bool) -> list[
 
 def _run_one(cell: PlannedCell, root: Path, threads: int) -> dict[str, Any]:
     last = cell.directory / "run" / "checkpoints" / "last.ckpt"
-    command = _command(cell, root, threads, resume=last.is_file())
+    command = _command(cell, root, resume=last.is_file())
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.time()
     status: dict[str, Any] = {"status": "running", "labels": cell.labels, "started": started, "command": command}
