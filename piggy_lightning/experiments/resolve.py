@@ -9,6 +9,7 @@ key already finished, and a changed default, overlay or override gives a new key
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -78,7 +79,7 @@ def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
     if not cell.overrides:
         return tree
     for key, value in cell.overrides:
-        set_dotted(tree, key, value, cell.label)
+        set_dotted(tree, key, copy.deepcopy(value), cell.label)  # the grid's values are shared by its cells
     try:
         return _dump(_parser().parse_object(tree))  # the edited config checked and normalized like a file
     except SystemExit as err:
