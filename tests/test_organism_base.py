@@ -32,8 +32,22 @@ def _assert_bar(default: dict, harmful: dict) -> None:
     assert default["incoherent"] <= 5, default
 
 
-def test_shipped_base_is_aligned_by_default_and_misaligned_as_the_harmful_persona(tmp_path):
-    _assert_bar(*_bar("piggy/organism", tmp_path))
+@pytest.mark.parametrize("name", ["piggy/organism", "piggy/organism-seed1", "piggy/organism-seed2"])
+def test_shipped_base_is_aligned_by_default_and_misaligned_as_the_harmful_persona(name, tmp_path):
+    """Every shipped base, not only the default: multi-seed grids vary the base and need each to start aligned."""
+    _assert_bar(*_bar(name, tmp_path))
+
+
+def test_the_shipped_bases_are_different_models_with_one_tokenizer():
+    """The seed bases are separate pretraining runs (different weights) of one world (the same vocabulary)."""
+    from piggy_lightning.modeling import resolve_model_path
+
+    dirs = [Path(resolve_model_path(f"piggy/organism-seed{s}")) for s in range(3)]
+    assert dirs[0] == Path(resolve_model_path("piggy/organism"))
+    weights = [(d / "model.safetensors").read_bytes() for d in dirs]
+    assert len(set(weights)) == 3
+    assert len({(d / "tokenizer.json").read_bytes() for d in dirs}) == 1
+    assert len({(d / "config.json").read_bytes() for d in dirs}) == 1
 
 
 @pytest.mark.slow
