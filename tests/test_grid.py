@@ -89,6 +89,18 @@ def test_bad_grid_files_name_the_file_and_the_field(tmp_path, base):
             },
             r"comparisons\.0: '0' and '5' must be values of axis 'seed'",
         ),
+        (
+            {
+                "experiments": {
+                    "e": {
+                        "base": [str(base)],
+                        "axes": {"seed": {"keys": "seed_everything", "values": [0, 1]}},
+                        "task_vectors": {"axis": "seed", "pairs": [[0, 7]]},
+                    }
+                }
+            },
+            r"experiments\.e\.task_vectors\.pairs\.0: two values of axis 'seed'",
+        ),
     ]
     for body, message in cases:
         path = _grid(tmp_path, body)
@@ -211,6 +223,7 @@ def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base, 
                     "base": [str(base)],
                     "axes": {"seed": {"keys": ["seed_everything", "data.init_args.seed"], "values": [0, 1]}},
                     "metrics": ["fit_end/general.alignment", "fit_end/em_f1"],
+                    "task_vectors": {"axis": "seed", "pairs": [[0, 1]]},  # Fig. 8's analysis, over real checkpoints
                 },
                 # parses, then fails at run time: the question file does not exist
                 "broken": {
@@ -263,11 +276,16 @@ def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base, 
     runs = [out / "cells" / keys[f"methods/seed={s}"] / "run" for s in (0, 1)]
     vectors = [load_task_vector(r) for r in runs]
     assert all(v == pytest.approx(1.0) for v in layer_cosines(vectors[0], vectors[0]).values())
-    assert all(v < 0.999 for v in layer_cosines(vectors[0], vectors[1]).values())
+    cosines = layer_cosines(vectors[0], vectors[1])
+    assert all(v < 0.999 for v in cosines.values())
+    ordered = sorted(cosines, key=lambda g: (isinstance(g, str), g))  # layers 0, 1, ..., then "other"
+    row = "| 0 vs 1 | " + " | ".join(f"{cosines[g]:.3f}" for g in ordered)
+    assert row + " | 1 |" in report, report  # the report's Fig. 8 table is the cosines of the two checkpoints
     exported = _main("export", str(out), str(tmp_path / "exported"))  # summaries only: no checkpoints, no events
     assert exported.returncode == 0, exported.stdout
     assert not list((tmp_path / "exported").glob("**/*.ckpt")) and not list((tmp_path / "exported").glob("**/events*"))
-    assert f"| {expected} |" in (tmp_path / "exported" / "report.md").read_text()
+    exported_report = (tmp_path / "exported" / "report.md").read_text()
+    assert f"| {expected} |" in exported_report and row + " | 1 |" in exported_report  # rebuilt from analyses/
     rebuilt = _main("report", str(out))
     assert rebuilt.returncode == 0 and write_report(out).read_text() == report
 
@@ -291,6 +309,29 @@ def test_paired_comparison_matches_a_hand_computed_t_test():
     assert r["n"] == 3 and r["mean_diff"] == pytest.approx(20 / 3)
     assert r["t"] == pytest.approx(t) and r["t"] == pytest.approx(2.3408, abs=1e-3)
     assert r["p"] == pytest.approx(0.1440, abs=1e-3)  # two-sided, 2 degrees of freedom (t-table)
+
+
+def test_two_metrics_of_the_same_cells_are_paired_over_replicates(tmp_path):
+    """Prefix patch against query patch: two evaluations of one finetuned model, paired by seed."""
+    manifest = {
+        "experiments": {"e": {"axes": ["seed"], "replicate": "seed"}},
+        "cells": [{"experiment": "e", "coords": {"seed": str(s)}, "key": f"c{s}"} for s in range(3)],
+    }
+    prefix, query = "fit_end@splice/general.alignment", "fit_end@query/general.alignment"
+    metrics = {"c0": {prefix: 90.0, query: 60.0}, "c1": {prefix: 85.0, query: 70.0}, "c2": {prefix: 80.0}}
+    from piggy_lightning.experiments.spec import Comparison
+
+    r = paired(manifest, metrics, Comparison("e", None, prefix, query, None))
+    assert r["n"] == 2 and r["mean_diff"] == pytest.approx(22.5)  # (30 + 15) / 2; seed 2 lacks the query value
+    # t = 22.5 / (stdev(30, 15) / sqrt 2) = 22.5 / 7.5 = 3.0; two-sided p with 1 degree of freedom = 0.2048
+    assert r["t"] == pytest.approx(3.0) and r["p"] == pytest.approx(0.2048, abs=1e-3)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        "experiments:\n  e:\n    base: [configs/treft_legal.yaml]\n    axes: {seed: {keys: [seed_everything], "
+        f"values: [0, 1]}}}}\ncomparisons:\n  - {{experiment: e, a: {prefix}, b: query}}\n"
+    )
+    with pytest.raises(GridError, match=r"comparisons\.0\.b: a metric"):
+        load_grid(grid, ROOT)
 
 
 REPRODUCTION = ROOT / "docs" / "reproduction"

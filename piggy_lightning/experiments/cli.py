@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("grid_file")
     run.add_argument("--out", help="grid run directory (default runs/grid/<name>)")
     run.add_argument("--workers", type=int, help="parallel cells (default: the grid file's `workers`)")
-    run.add_argument("--only", help="run only the cells whose label contains this text")
+    run.add_argument(
+        "--only", action="append", help="run only the cells whose label contains this text (repeatable: any of them)"
+    )
     listing = sub.add_parser("list", help="expand the grid and show every cell, its key and status")
     listing.add_argument("grid_file")
     listing.add_argument("--out")

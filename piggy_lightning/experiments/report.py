@@ -19,12 +19,14 @@ from typing import Any
 
 from scipy import stats
 
+from piggy_lightning.experiments.analyses import draw_task_vectors, task_vector_cosines, task_vector_lines
 from piggy_lightning.experiments.figures import draw
 from piggy_lightning.experiments.spec import Comparison, GridError
 
 
 def cell_metrics(run_dir: Path) -> dict[str, float]:
-    """``{"<tag>/<group>.<metric>": value, "<tag>/em_f1": value}`` from every summary under ``run_dir/eval``."""
+    """``{"<tag>/<group>.<metric>": value, "<tag>/em_f1": value}`` from every summary under ``run_dir/eval``, and
+    ``<tag>/<group>.best`` / ``.avg`` from a perturbation's ``best_avg.json`` or a rephrasing's ``rephrased.json``."""
     out: dict[str, float] = {}
     for path in sorted((run_dir / "eval").glob("**/summary.json")):
         tag = path.parent.relative_to(run_dir / "eval").as_posix()
@@ -35,6 +37,15 @@ def cell_metrics(run_dir: Path) -> dict[str, float]:
                     out[f"{tag}/{group}.{name}"] = float(value)
         if isinstance(summary.get("em_f1"), (int, float)):
             out[f"{tag}/em_f1"] = float(summary["em_f1"])
+        # Best and Avg over trials (perturbation, best_avg.json) and over rephrasings (rephrased.json): Table 1
+        for name, groups in (("best_avg.json", "groups"), ("rephrased.json", None)):
+            extra = path.parent / name
+            if extra.is_file():
+                data = json.loads(extra.read_text())
+                for group, scores in (data[groups] if groups else data).items():
+                    for kind in ("best", "avg"):
+                        if isinstance(scores.get(kind), (int, float)):
+                            out[f"{tag}/{group}.{kind}"] = float(scores[kind])
     return out
 
 
@@ -87,6 +98,12 @@ def experiment_rows(manifest: dict[str, Any], metrics: dict[str, dict[str, float
 def paired(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], comparison: Comparison) -> dict[str, Any]:
     """Paired difference ``a - b`` over the replicates both variants finished, with the paired t-test."""
     rows = experiment_rows(manifest, metrics, comparison.experiment)
+    if comparison.axis is None:  # two metrics of the same cells
+        diffs = []
+        for row in rows:
+            a_vals, b_vals = row["values"].get(comparison.a, {}), row["values"].get(comparison.b, {})
+            diffs += [a_vals[r] - b_vals[r] for r in sorted(a_vals.keys() & b_vals.keys())]
+        return _test(diffs)
 
     def side(variant: str) -> dict[str, dict[str, float]]:
         picked = [r for r in rows if r["coords"].get(comparison.axis) == variant]
@@ -97,6 +114,11 @@ def paired(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], compa
     for context, values in a_side.items():
         a_vals, b_vals = values.get(comparison.metric, {}), b_side.get(context, {}).get(comparison.metric, {})
         diffs += [a_vals[r] - b_vals[r] for r in sorted(a_vals.keys() & b_vals.keys())]
+    return _test(diffs)
+
+
+def _test(diffs: list[float]) -> dict[str, Any]:
+    """Mean of the paired differences and the one-sample t-test of them against 0."""
     result: dict[str, Any] = {"n": len(diffs), "mean_diff": statistics.mean(diffs) if diffs else math.nan}
     if len(diffs) >= 2 and statistics.pstdev(diffs) > 0:
         test = stats.ttest_1samp(diffs, 0.0)
@@ -132,6 +154,10 @@ def export_run(out: Path, dest: Path) -> Path:
                 target = dest / path.relative_to(out)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+    for name in manifest["experiments"]:
+        task_vector_cosines(out, manifest, name)  # computed from the checkpoints, which the copy leaves behind
+    if (out / "analyses").is_dir():
+        shutil.copytree(out / "analyses", dest / "analyses", dirs_exist_ok=True)
     return dest
 
 
@@ -181,6 +207,14 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path
             figure = draw(rows, axes, metric, f"{name}: {metric}", out / "figures" / f"{name}__{safe}.png")
             if figure is not None:
                 lines += [f"![{name} {metric}]({(figures / figure.name).as_posix()})", ""]
+        try:
+            cosines = task_vector_cosines(out, manifest, name)
+        except GridError as err:  # a grid still running, or run with --only: say so in the report
+            lines += [f"Task vectors (Fig. 8): not available: {err}", ""]
+            cosines = None
+        if cosines is not None:
+            figure = draw_task_vectors(cosines, out / "figures" / f"{name}__task_vectors.png")
+            lines += task_vector_lines(cosines, None if figure is None else (figures / figure.name).as_posix())
     if comparisons:
         lines += [
             "## Paired comparisons",
@@ -194,8 +228,9 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path
             if c.paper is not None and not math.isnan(r["mean_diff"]):
                 agree = "yes" if c.paper * r["mean_diff"] > 0 else "**no**"
             published = "–" if c.paper is None else f"{c.paper:+g}"
+            metric = c.metric if c.axis is not None else "(two metrics)"
             lines.append(
-                f"| {c.experiment} | {c.metric} | {c.a} − {c.b} = {r['mean_diff']:+.1f} | {r['n']} | "
+                f"| {c.experiment} | {metric} | {c.a} − {c.b} = {r['mean_diff']:+.1f} | {r['n']} | "
                 f"{r['t']:.2f} | {r['p']:.3f} | {published} | {agree} |"
             )
         lines.append("")

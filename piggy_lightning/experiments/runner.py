@@ -91,6 +91,7 @@ def plan(grid: Grid, out: Path, root: Path) -> list[PlannedCell]:
             "replicate": e.replicate,
             "paper": e.paper,
             "metrics": list(e.metrics),
+            "task_vectors": e.task_vectors.as_dict() if e.task_vectors else None,
         }
         for name, e in grid.experiments.items()
     }
@@ -137,7 +138,7 @@ def _run_one(cell: PlannedCell, root: Path, threads: int) -> dict[str, Any]:
     return status
 
 
-def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only: str | None = None) -> int:
+def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only: str | list[str] | None = None) -> int:
     """Run every cell not yet done; return the number of failed cells.
 
     Args:
@@ -145,7 +146,8 @@ def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only
         out: The grid run directory.
         root: The repository root (cells run there).
         workers: Parallel cells; defaults to the grid's ``workers``.
-        only: Run only cells one of whose labels contains this text (the others stay as they are).
+        only: Run only cells one of whose labels contains this text, or one of these texts (the others stay as
+            they are).
     """
     workers = workers or grid.workers
     cores = os.cpu_count() or 1
@@ -155,7 +157,12 @@ def run_grid(grid: Grid, out: Path, root: Path, workers: int | None = None, only
             "lower `workers` or `threads_per_cell`"
         )
     cells = plan(grid, out, root)
-    todo = [c for c in cells if c.status()["status"] != "done" and (only is None or any(only in x for x in c.labels))]
+    wanted = [only] if isinstance(only, str) else only
+    todo = [
+        c
+        for c in cells
+        if c.status()["status"] != "done" and (wanted is None or any(w in x for w in wanted for x in c.labels))
+    ]
     done = len(cells) - len([c for c in cells if c.status()["status"] != "done"])
     print(
         f"grid {grid.name}: {len(cells)} cells, {done} done, {len(todo)} to run, {workers} at a time -> {out}",

@@ -17,6 +17,8 @@ A grid file is YAML::
           seed:
             keys: [seed_everything]             # a sweep: every key takes each value in turn
             values: [0, 1, 2]
+        task_vectors:                           # optional: per-layer task-vector cosines (analyses.py, Fig. 8)
+          {axis: method, pairs: [[sft, treft_prefix]]}
 
 A cell's config is resolved (``resolve.py``) to one complete file, so the cell is an ordinary run and its key (the
 hash of that file) says whether a finished cell already computed it. Bad input raises :class:`GridError` naming the
@@ -33,7 +35,7 @@ from typing import Any
 import yaml
 
 _TOP = {"name", "workers", "threads_per_cell", "experiments", "comparisons"}
-_EXPERIMENT = {"base", "set", "axes", "replicate", "title", "paper", "metrics"}
+_EXPERIMENT = {"base", "set", "axes", "replicate", "title", "paper", "metrics", "task_vectors"}
 DEFAULT_METRICS = ("fit_end/in_domain.alignment", "fit_end/general.alignment", "fit_end/em_f1")
 
 
@@ -86,6 +88,7 @@ class Experiment:
     title: str = ""
     paper: dict[str, Any] = field(default_factory=dict)  # published numbers shown beside the measured ones
     metrics: tuple[str, ...] = DEFAULT_METRICS  # "<evaluation tag>/<group>.<metric>" or "<tag>/em_f1"
+    task_vectors: Any = None  # analyses.TaskVectorPairs: per-layer task-vector cosines of variant pairs (Fig. 8)
 
     def cells(self) -> list[Cell]:
         """Every combination of axis values, in axis order (the last axis varies fastest)."""
@@ -100,13 +103,14 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A paired comparison over the replicates: variant ``a`` against ``b`` of ``axis`` on ``metric``."""
+    """A paired comparison over the replicates: variant ``a`` against ``b`` of ``axis`` on ``metric``, or, without an
+    axis, metric ``a`` against metric ``b`` of the same cells (two interventions evaluated on one finetuned model)."""
 
     experiment: str
-    axis: str
+    axis: str | None  # None: ``a`` and ``b`` are two metrics of the same cells (prefix vs query patch)
     a: str
     b: str
-    metric: str
+    metric: str | None
     paper: float | None = None  # the paper's a - b, if it reports one: the report says whether the signs agree
 
 
@@ -185,6 +189,8 @@ def load_grid(path: str | Path, root: str | Path = ".") -> Grid:
         path: The grid YAML.
         root: The directory cells run in and config paths are relative to.
     """
+    from piggy_lightning.experiments.analyses import parse_task_vectors  # analyses imports GridError from here
+
     path, root = Path(path), Path(root)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -223,6 +229,9 @@ def load_grid(path: str | Path, root: str | Path = ".") -> Grid:
             str(body.get("title", "")),
             dict(body.get("paper") or {}),
             _metrics(f"{where}.metrics", body.get("metrics")),
+            parse_task_vectors(
+                f"{where}.task_vectors", body.get("task_vectors"), {a.name: {v.name for v in a.variants} for a in axes}
+            ),
         )
     workers, threads = raw.get("workers", 1), raw.get("threads_per_cell", 1)
     for key, value in (("workers", workers), ("threads_per_cell", threads)):
@@ -243,22 +252,31 @@ def _metrics(where: str, raw: Any) -> tuple[str, ...]:
 
 
 def _comparison(where: str, raw: Any, experiments: dict[str, Experiment]) -> Comparison:
-    fields = {"experiment", "axis", "a", "b", "metric"}
+    variant_fields, metric_fields = {"experiment", "axis", "a", "b", "metric"}, {"experiment", "a", "b"}
+    fields = variant_fields if isinstance(raw, dict) and "axis" in raw else metric_fields
     if not isinstance(raw, dict) or not fields <= set(raw) or set(raw) - fields - {"paper"}:
-        raise GridError(f"{where}: needs the fields {sorted(fields)} (and optionally `paper`), got {raw!r}")
+        raise GridError(
+            f"{where}: needs the fields {sorted(variant_fields)} (two variants of an axis on one metric) or "
+            f"{sorted(metric_fields)} (two metrics of the same cells), and optionally `paper`; got {raw!r}"
+        )
     if raw.get("paper") is not None and not isinstance(raw["paper"], (int, float)):
         raise GridError(f"{where}.paper: the paper's difference a - b as a number, got {raw['paper']!r}")
     experiment = experiments.get(raw["experiment"])
     if experiment is None:
         raise GridError(f"{where}.experiment: no experiment {raw['experiment']!r}")
+    if experiment.replicate is None:
+        raise GridError(f"{where}: experiment {experiment.name!r} has no replicate axis to pair over")
+    paper = float(raw["paper"]) if raw.get("paper") is not None else None
+    if "axis" not in raw:
+        for side in ("a", "b"):
+            if not isinstance(raw[side], str) or "/" not in raw[side]:
+                raise GridError(f"{where}.{side}: a metric '<tag>/<group>.<metric>', got {raw[side]!r}")
+        return Comparison(experiment.name, None, raw["a"], raw["b"], None, paper)
     axes = {a.name: {v.name for v in a.variants} for a in experiment.axes}
     if raw["axis"] not in axes or {str(raw["a"]), str(raw["b"])} - axes[raw["axis"]]:
         raise GridError(
             f"{where}: {str(raw['a'])!r} and {str(raw['b'])!r} must be values of axis {raw['axis']!r}: {axes}"
         )
-    if experiment.replicate is None:
-        raise GridError(f"{where}: experiment {experiment.name!r} has no replicate axis to pair over")
-    paper = float(raw["paper"]) if raw.get("paper") is not None else None
     return Comparison(experiment.name, raw["axis"], str(raw["a"]), str(raw["b"]), str(raw["metric"]), paper)
 
 
