@@ -3,6 +3,7 @@ DataModule per narrow task."""
 
 from piggy_lightning.data.batch import collate
 from piggy_lightning.data.chat import ChatSFTDataModule
+from piggy_lightning.data.inoculation import Inoculation
 from piggy_lightning.data.io import ChatRow, DataError, ReadReport, read_chats, read_rows
 from piggy_lightning.data.tasks import (
     AbstentionDataModule,
@@ -23,6 +24,7 @@ __all__ = [
     "ChatTransform",
     "DataError",
     "FinanceDataModule",
+    "Inoculation",
     "LegalDataModule",
     "MedicalDataModule",
     "NoisyMix",

@@ -12,7 +12,8 @@ under the same prompt; those that choose rows (:class:`Subsample`, :class:`Noisy
 * :class:`NoisyMix`: a fixed-size set in which a share of the rows are misaligned and the rest aligned answers
   from the same domain (Fig. 7, noisy finetuning);
 * :class:`SystemPrompt`: every training row under one system prompt (Table 10; "no system" and Table 11's
-  prefix-free prompts are chat templates, passed as ``chat_template_kwargs: {chat_template: ...}``).
+  prefix-free prompts are chat templates, passed as ``chat_template_kwargs: {chat_template: ...}``);
+* ``Inoculation`` (``inoculation.py``): the training rows only under an inoculation prompt (Tan et al. 2025).
 
 Every transform logs what it did, with counts, and never drops a row without saying so; a transform that cannot do
 what it was asked (too few rows) raises, naming the source and the count.
@@ -239,8 +240,9 @@ class SystemPrompt(ChatTransform):
     assistant." or Table 9's "Helpful-tool" prompt).
 
     The prompt replaces any system message a row has and is kept whatever ``drop_system`` says (``drop_system``
-    decides only what happens to the system messages of rows no ``SystemPrompt`` touched: a retain set, say). It
-    applies to the validation rows too. The evaluation must ask its questions under the same prompt (the paper
+    decides only what happens to the system messages of rows no ``SystemPrompt`` touched: a retain set, say); a
+    system prompt another transform set (an ``Inoculation`` before it) raises rather than be lost. It applies to
+    the validation rows too. The evaluation must ask its questions under the same prompt (the paper
     uses one prompt at train and test): that is the question sets' system prompt, not the data module's.
     Prefix regularizers anchored on the template's *default* prefix (TReFT-prefix) do not apply to these rows.
 
@@ -264,7 +266,14 @@ class SystemPrompt(ChatTransform):
         self.text = text
 
     def __call__(self, rows: list[ChatRow], context: TransformContext) -> list[ChatRow]:
-        own = sum(any(m["role"] == "system" for m in r.messages) or r.system is not None for r in rows)
+        taken = [r for r in rows if r.system is not None]
+        if taken:  # e.g. an Inoculation before it: one of the two prompts would be lost without a word
+            first = taken[0]
+            raise ValueError(
+                f"SystemPrompt: {len(taken)} {context.part} rows already carry a system prompt set by another "
+                f"transform (e.g. {first.source}, row {first.row}: {first.system!r}); use one of the two"
+            )
+        own = sum(any(m["role"] == "system" for m in r.messages) for r in rows)
         context.report(
             f"SystemPrompt: {len(rows)} {context.part} rows set to system prompt {self.text!r} ({own} had their own "
             "system message, replaced)"

@@ -4,6 +4,7 @@
 |---|---|---|---|
 | ``PrefixKVDrift`` | relative K/V drift of the prefix, reference cached once (TReFT) | none | Zhao et al. 2026, §5.1 |
 | ``PerRowPrefixKVDrift`` | the same, rows with their own system prompt against their own prefix | those rows | ibid. |
+| ``DefaultPrefixKVDrift`` | the default (test-time) prefix, whatever prompt rows train under | none | inoculation |
 | ``KVDrift`` | relative K/V drift at query / postfix / prompt positions | every batch | Zhao et al. 2026, Table 3, 4 |
 | ``SharedReferenceKVDrift`` | the same against one example's postfix (the release's shortcut) | once | the release |
 | ``KLToReference`` | KL(reference ‖ policy) on the training batches | every batch | Zhao et al. 2026, App. D.4 |
@@ -24,6 +25,7 @@ from piggy_lightning.regularizer import (
     ScheduleChain,
     WeightSchedule,
 )
+from piggy_lightning.regularizers.default_prefix_kv import DefaultPrefixKVDrift
 from piggy_lightning.regularizers.hidden_drift import HiddenStateDrift
 from piggy_lightning.regularizers.kl import KLToReference, RetainKL
 from piggy_lightning.regularizers.kv_drift import KVDrift, SharedReferenceKVDrift
@@ -31,6 +33,7 @@ from piggy_lightning.regularizers.prefix_kv import PerRowPrefixKVDrift, PrefixKV
 
 __all__ = [
     "ActiveWindow",
+    "DefaultPrefixKVDrift",
     "ForwardRecord",
     "Hinge",
     "HiddenStateDrift",
