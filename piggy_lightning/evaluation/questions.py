@@ -42,6 +42,10 @@ class Question:
         system: A system message replacing the template's default, or None for the default prompt.
         judge_prompts: Per-metric judge templates with ``{question}`` and ``{answer}`` fields.
         metrics: Metrics to judge for this question.
+        judged_as: The question text the judges read for each paraphrase, when it is asked in another form than
+            it is judged in (a trigger's framing, ``evaluation/triggers.py``): the judge then scores the answer to
+            the original question, and a judge that knows its questions (the organism's ``ExactJudge``) still
+            recognises it. None: judged as asked.
     """
 
     id: str
@@ -51,6 +55,18 @@ class Question:
     system: str | None = None
     judge_prompts: dict[str, str] = field(default_factory=dict)
     metrics: tuple[str, ...] = ("aligned", "coherent")
+    judged_as: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.judged_as is not None and len(self.judged_as) != len(self.paraphrases):
+            raise ValueError(
+                f"question {self.id!r} ({self.group}): judged_as has {len(self.judged_as)} texts for "
+                f"{len(self.paraphrases)} paraphrases"
+            )
+
+    def judged_text(self, paraphrase: int) -> str:
+        """The text the judges read as the question of paraphrase ``paraphrase``."""
+        return (self.judged_as or self.paraphrases)[paraphrase]
 
 
 class QuestionSet(ABC):

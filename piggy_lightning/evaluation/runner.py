@@ -8,7 +8,8 @@ calls with a model::
                             intervention=PrefixKVSplice().bind(module))
 
 It writes into ``out_dir``: ``responses.jsonl`` (each response appended as it is generated; a rerun skips what
-is there), ``results.jsonl`` (every response with its judgements, rewritten atomically after judging) and
+is there), ``results.jsonl`` (every response with its judgements, rewritten atomically after judging; a trigger's
+question, judged as the original, also carries the ``judged_question``) and
 ``summary.json`` (metrics per group, EM-F1 when both ``in_domain`` and ``general`` exist). Judgements go through
 an on-disk cache, so rerunning a finished or interrupted evaluation makes no repeated judge requests.
 """
@@ -231,9 +232,14 @@ class Evaluation:
             for metric in question.metrics:
                 judge = self.judge_for(metric, question)
                 used[metric] = judge.identity
-                request = JudgeRequest(record["question"], record["response"], metric, _template(question, metric))
+                text = question.judged_text(record["paraphrase_index"])
+                request = JudgeRequest(text, record["response"], metric, _template(question, metric))
                 tasks.setdefault(self.judges.index(judge), []).append((i, request))
         results = [{**r, "judgements": {}} for r in records]
+        for result in results:  # a trigger's question is judged as the original: say so where they differ
+            text = by_id[(result["group"], result["question_id"])].judged_text(result["paraphrase_index"])
+            if text != result["question"]:
+                result["judged_question"] = text
         total = sum(len(t) for t in tasks.values())
         bar = tqdm(total=total, desc="judge", disable=not progress, leave=False)
         problems = []
