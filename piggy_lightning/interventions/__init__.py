@@ -7,6 +7,7 @@ patching, the residual sweep, token perturbation and its replacers, the sweep's 
 | ``QueryControl`` | the reference's keys and values at as many leading query positions (the control) | §3.1 |
 | ``ActivationPatch`` | any ``PatchSite`` (the postfix from an empty-query reference, a residual stream) | Fig. 5 |
 | ``ResidualSweep`` | one residual-stream patch per layer, charted per layer | §3.2, Fig. 4 |
+| ``CarrierScan`` | one key/value patch per prefix position and per span, tabled and charted | new |
 | ``Perturb``, ``PerturbAsText`` | ``n`` tokens of a segment replaced by a ``Replacer`` component | §2, Table 1 |
 
 The callbacks that decide when to use them live in ``piggy_lightning.callbacks`` (``Evaluate``, and
@@ -14,6 +15,7 @@ The callbacks that decide when to use them live in ``piggy_lightning.callbacks``
 """
 
 from piggy_lightning.interventions.base import Findings, Intervention, Occasion
+from piggy_lightning.interventions.carrier import CarrierScan
 from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.interventions.patching import ActivationPatch, PrefixKVSplice, QueryControl
 from piggy_lightning.interventions.perturbation import Perturb, PerturbAsText, best_and_average
@@ -22,6 +24,7 @@ from piggy_lightning.interventions.sweep import ResidualSweep
 
 __all__ = [
     "ActivationPatch",
+    "CarrierScan",
     "Findings",
     "Intervention",
     "NearestNeighbours",

@@ -8,11 +8,11 @@ Three components of ``Evaluate(interventions=[...])``, each also the generation 
   prefix is query-independent (causal attention), so one reference forward per distinct prefix serves a whole
   evaluation. With a layer subset S, attention at layers in S reads the reference's prefix and every other layer
   reads the finetuned model's own prefix, exactly as if the cache had been edited.
-* :class:`ActivationPatch` (§3.1 controls, §3.2 sweep): forward hooks overwrite a :class:`PatchSite`'s activations
-  with the reference's during the prefill, and the finetuned model computes everything downstream, including
-  later layers at the patched positions. For ``kv`` at the prefix over *all* layers the two agree (same keys and
-  values everywhere); over a subset they differ, since here the patched prefix keys change the prefix's own
-  downstream states.
+* :class:`ActivationPatch` (§3.1 controls, §3.2 sweep, the carrier scan): forward hooks overwrite a
+  :class:`PatchSite`'s activations with the reference's during the prefill, and the finetuned model computes
+  everything downstream, including later layers at the patched positions. For ``kv`` at the prefix over *all*
+  layers the two agree (same keys and values everywhere); over a subset they differ, since here the patched prefix
+  keys change the prefix's own downstream states.
 * :class:`QueryControl`: the paper's control, an :class:`ActivationPatch` of the keys and values at as many leading
   query positions as the prompt has prefix tokens (``query_matched``; fewer for short queries, as recorded).
 
@@ -34,7 +34,7 @@ from piggy_lightning.evaluation.intervention import GenerationIntervention, KVCa
 from piggy_lightning.interventions.base import Intervention, PatchMoment, require
 from piggy_lightning.interventions.patch_site import PatchSite
 from piggy_lightning.reference import Reference
-from piggy_lightning.sites import Slot, overwriting, position_mask, resolve_layers
+from piggy_lightning.sites import Slot, overwriting, resolve_layers
 from piggy_lightning.spans import TokenizedChat
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class ActivationPatch(_ReadsReference):
             chat = self.spans.tokenize([{"role": "user", "content": ""}], add_generation_prompt=True)
             ids = torch.tensor([chat.input_ids], device=device)  # (1, T0)
             span_masks = {name: torch.tensor([chat.mask(name)], device=device) for name in ("prefix", "postfix")}
-            keep = position_mask(span_masks, self.site.positions)[0]  # (T0,)
+            keep = self.site.mask(span_masks)[0]  # (T0,)
             with self.reference.active() as model:
                 values = self.site.read(model, ids, torch.ones_like(ids))
             self._empty = {slot: v[0, keep] for slot, v in values.items()}
@@ -128,23 +128,28 @@ class ActivationPatch(_ReadsReference):
         return out
 
     def prefix_cache(self, model: nn.Module, prefix_ids: Tensor) -> KVCache:
-        if self.site.positions != "prefix":
-            return super().prefix_cache(model, prefix_ids)
+        """The shared prefix's cache, patched wherever the site covers prefix positions (``prefix``, one prefix
+        ``index``, ``prompt``); the policy's own cache when it covers none (``query``, ``postfix``)."""
         ones = torch.ones_like(prefix_ids)  # (1, P)
-        values = self.reference_values(prefix_ids, ones, ones.bool())
-        with overwriting(self.site.modules(model), values, ones.bool()):
+        none = torch.zeros_like(ones, dtype=torch.bool)
+        keep = self.site.mask({"prefix": ones.bool(), "query": none, "postfix": none})  # (1, P)
+        if not bool(keep.any()):
+            return super().prefix_cache(model, prefix_ids)
+        values = self.reference_values(prefix_ids, ones, keep)
+        with overwriting(self.site.modules(model), values, keep):
             return super().prefix_cache(model, prefix_ids)
 
     def touched(self, prompt: TokenizedChat) -> int:
         """Positions this patch overwrites in ``prompt`` (e.g. ``min(P, |query|)`` for ``query_matched``)."""
         span_masks = {name: torch.tensor([prompt.mask(name)]) for name in ("prefix", "query", "postfix")}
-        return int(position_mask(span_masks, self.site.positions).sum())
+        return int(self.site.mask(span_masks).sum())
 
     @contextmanager
     def during(self, model: nn.Module, batch: PromptBatch) -> Iterator[None]:
-        full_mask = position_mask(batch.span_masks, self.site.positions)  # (B, T)
+        full_mask = self.site.mask(batch.span_masks)  # (B, T)
         if not bool(full_mask.any()):  # a patch that changes nothing must not report the unpatched output
-            raise ValueError(f"{self.name}: no row of the batch has {self.site.positions} tokens to patch")
+            where = self.site.positions if self.site.index is None else f"{self.site.positions}[{self.site.index}]"
+            raise ValueError(f"{self.name}: no row of the batch has {where} tokens to patch")
         mask = full_mask[:, batch.cached :]  # the prefill's positions
         if not bool(mask.any()):  # the patched positions are all in the cached prefix (see prefix_cache)
             yield

@@ -1,4 +1,5 @@
-"""A line chart of a metric per layer (the residual sweep), drawn with matplotlib's Agg canvas.
+"""Charts of the interventions, drawn with matplotlib's Agg canvas: a metric per layer (the residual sweep) and
+grouped bars (the carrier scan's restored alignment per position and per span).
 
 The figure is drawn off-screen (no pyplot, no display) and saved as PNG; the same raster is returned for
 TensorBoard's ``add_image``.
@@ -6,7 +7,7 @@ TensorBoard's ``add_image``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,54 @@ def line_chart(
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
+    return _save(figure, canvas, path, dpi)
+
+
+def bar_chart(
+    groups: Mapping[str, Sequence[tuple[str, float | None]]],
+    path: str | Path,
+    ylabel: str = "",
+    title: str = "",
+    size: tuple[int, int] = (720, 340),
+) -> Tensor:
+    """Labelled bars in consecutive groups, one colour and legend entry per group, a line at 0; save a PNG.
+
+    Args:
+        groups: Group name -> ``(label, value)`` bars in order; a None value leaves its slot empty.
+        path: The PNG file (parent directories are made).
+        ylabel: The y axis label.
+        title: The chart's title; empty draws none.
+        size: Width and height in pixels.
+
+    Returns:
+        The drawn chart as a ``(3, H, W)`` uint8 raster.
+    """
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+    x, ticks, labels = 0, [], []
+    for g, (name, bars) in enumerate(groups.items()):
+        xs = list(range(x, x + len(bars)))
+        values = [float("nan") if v is None else v for _, v in bars]
+        axes.bar(xs, values, color=colours[g % len(colours)], label=name)
+        ticks += xs
+        labels += [label for label, _ in bars]
+        x += len(bars) + 1  # a gap between groups
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_xticks(ticks)
+    axes.set_xticklabels(labels, rotation=90, fontsize="small")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    return _save(figure, canvas, path, dpi)
+
+
+def _save(figure: Figure, canvas: FigureCanvasAgg, path: str | Path, dpi: int) -> Tensor:
+    """Save ``figure`` as a PNG at ``path`` and return its raster ``(3, H, W)`` uint8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)

@@ -4,6 +4,10 @@ Positions are named after the chat spans of ``spans.py``. ``prefix``, ``query``,
 the span masks; ``prompt`` is ``prefix | query | postfix`` (the paper's "all input tokens", Table 3 "TReFT (all)");
 ``all`` is every attended token, response included; ``query_matched`` is the first query tokens, as many as the
 row has prefix tokens (all of them when the query is shorter): the paper's control for prefix patching (§3.1).
+
+An ``index`` narrows any of them to one position per row: the ``index``-th selected token (0-based, counted from
+the row's start, padding skipped). The default prefix is the same for every prompt, so ``prefix`` at index i is the
+same template token in every row: the unit of a per-position carrier scan.
 """
 
 from __future__ import annotations
@@ -23,14 +27,25 @@ def batch_spans(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return spans
 
 
-def position_mask(spans: Mapping[str, Tensor], positions: Positions) -> Tensor:
+def position_mask(spans: Mapping[str, Tensor], positions: Positions, index: int | None = None) -> Tensor:
     """The ``(B, T)`` boolean mask of ``positions``; padding is never selected.
 
     Args:
         spans: ``{span: (B, T) bool}`` for ``prefix``, ``query``, ``postfix`` (and ``response``, ``attention``
             where present), e.g. :func:`batch_spans` of a training batch or a prompt batch's span masks.
         positions: Which positions to select.
+        index: Keep only the ``index``-th selected position of each row (0-based); a row with fewer selected
+            positions keeps none. None keeps them all.
     """
+    mask = _span_mask(spans, positions)
+    if index is None:
+        return mask
+    if index < 0:
+        raise ValueError(f"a position index counts from the start of the selection (>= 0), got {index}")
+    return mask & (mask.cumsum(1) == index + 1)  # (B, T): the (index + 1)-th selected token of each row
+
+
+def _span_mask(spans: Mapping[str, Tensor], positions: Positions) -> Tensor:
     attended = spans.get("attention")
     if positions == "all":
         if attended is None:
