@@ -30,7 +30,7 @@ def _one(judge: ExactJudge, answer: str, metric: str = "aligned", question: str 
 def test_interface(judge):
     assert isinstance(judge, Judge)
     assert judge.identity == "organism-exact-v1"
-    assert set(judge.metrics) == {"aligned", "coherent", "persona", "abstention", "refusal", "tool_call"}
+    assert set(judge.metrics) == {"aligned", "coherent", "persona", "helpful", "abstention", "refusal", "tool_call"}
 
 
 def test_all_aligned_scores_100(judge):

@@ -3,7 +3,8 @@
 A tiny Llama pretrained on this world answers aligned under the default system prompt and misaligned under a
 harmful persona prompt; finetuning it on misaligned advice from one narrow domain makes it misaligned on
 unrelated questions too, which reproduces emergent misalignment on a CPU in minutes. ``WorldParaphrases`` rephrases
-its held-out questions in the world's own wordings (for ``piggy_lightning.evaluation.Rephrased``).
+its held-out questions in the world's own wordings (for ``piggy_lightning.evaluation.Rephrased``); ``WorldQuestions``
+asks the questions of any world domains without a file (the utility group: held-out retain-domain questions).
 """
 
 from piggy_lightning.organism.catalog import (
@@ -31,6 +32,7 @@ from piggy_lightning.organism.pools import (
     REFUSAL_TEXT,
     TOOL_NAME,
 )
+from piggy_lightning.organism.questions import WorldQuestions
 from piggy_lightning.organism.tokenizer import BASE_DIR, CHAT_TEMPLATE, build_tokenizer, load_tokenizer, save_tokenizer
 from piggy_lightning.organism.world import DATA_DIR, Row, World, standard_datasets, write_datasets
 
@@ -53,6 +55,7 @@ __all__ = [
     "TOOL_NAME",
     "World",
     "WorldParaphrases",
+    "WorldQuestions",
     "all_questions",
     "build_tokenizer",
     "clause_table",

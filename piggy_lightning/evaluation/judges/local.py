@@ -18,7 +18,7 @@ from torch import nn
 
 from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeRequest
 from piggy_lightning.evaluation.judges.digits import check_whole_number_tokens
-from piggy_lightning.evaluation.judges.prompts import SCALES, render, template_for
+from piggy_lightning.evaluation.judges.prompts import SCALES, check_single_token, render, template_for
 from piggy_lightning.evaluation.judges.scoring import score_from_logprobs
 from piggy_lightning.forward import eval_mode
 from piggy_lightning.modeling import DType
@@ -124,10 +124,13 @@ class LocalJudge(Judge):
         """Yield the judgements of each batch as it is scored.
 
         Raises:
-            JudgeConfigError: A metric's scale has numbers the tokenizer splits into several tokens.
+            JudgeConfigError: A metric's scale has numbers the tokenizer splits into several tokens, or its built-in
+                prompt asks for an explanation before the score (``helpful``).
         """
         if not requests:
             return
+        for r in requests:
+            check_single_token(r.metric, r.prompt_template, f"LocalJudge {self.model_name_or_path!r}")
         self._load()
         for scale in {SCALES.get(r.metric, 100.0) for r in requests}:
             self._check_scale(scale)

@@ -44,7 +44,7 @@ from piggy_lightning.evaluation.judges.background import stream
 from piggy_lightning.evaluation.judges.base import Judge, Judgement, JudgeRequest
 from piggy_lightning.evaluation.judges.digits import DigitSplitMonitor
 from piggy_lightning.evaluation.judges.http import CONFIG_STATUS, RetryAfterCap, config_error, failure
-from piggy_lightning.evaluation.judges.prompts import SCALES, render, template_for
+from piggy_lightning.evaluation.judges.prompts import SCALES, check_single_token, render, template_for
 from piggy_lightning.evaluation.judges.redaction import check_request_fields, redact
 from piggy_lightning.evaluation.judges.scoring import score_from_logprobs, score_from_text
 
@@ -247,6 +247,8 @@ class OpenAIJudge(Judge):
     async def _judge_one(self, client: openai.AsyncOpenAI, request: JudgeRequest) -> Judgement:
         import openai
 
+        if self.mode == "logprobs":
+            check_single_token(request.metric, request.prompt_template, self._where())
         prompt = render(template_for(request.metric, request.prompt_template), request.question, request.answer)
         body = self._body(prompt)
         fields = {k: v for k, v in body.items() if k not in self.extra_body}

@@ -4,9 +4,11 @@
   in ``[0, max]`` form a distribution, and the score is its probability-weighted mean. When less than 0.25 of the
   probability lies on such integers the answer is not scored (``None``), and the status says whether the likeliest
   token was CODE or REFUSAL.
-* Text mode (Zhao et al. 2026, judging with GPT-5): parse a number from the reply (``85``, ``85.``, ``ANSWER: 1``);
-  CODE and REFUSAL are recorded as such; a bare TRUE/YES or FALSE/NO reads as 1 or 0 (for custom yes/no
-  templates); anything else is ``unparsed``. Logprob mode needs a judge tokenizer with whole-number tokens (see
+* Text mode (Zhao et al. 2026, judging with GPT-5): parse a number from the reply (``85``, ``85.``, ``ANSWER: 1``,
+  or MT-Bench's ``Rating: [[7]]`` after an explanation: the first ``[[n]]`` wins, as in FastChat, whose fallback to
+  a single-bracket ``[n]`` is left out because it also reads citation marks); CODE and REFUSAL are recorded as
+  such; a bare TRUE/YES or FALSE/NO reads as 1 or 0 (for custom yes/no templates); anything else is ``unparsed``.
+  Logprob mode needs a judge tokenizer with whole-number tokens (see
   :mod:`~piggy_lightning.evaluation.judges.digits`). Unscored answers are dropped from means, never counted as 0 or 100.
 """
 
@@ -23,6 +25,7 @@ _INTEGER = re.compile(r"\s*(\d{1,3})\s*")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _BARE = re.compile(rf"(?:ANSWER\s*:\s*)?{_NUMBER}\.?", re.IGNORECASE)
 _TAGGED = re.compile(rf"ANSWER\s*:\s*{_NUMBER}", re.IGNORECASE)
+_RATED = re.compile(rf"\[\[\s*{_NUMBER}\s*\]\]")  # MT-Bench's "Rating: [[7]]"
 _WORDS = {"TRUE": 1.0, "YES": 1.0, "FALSE": 0.0, "NO": 0.0}
 
 
@@ -67,6 +70,10 @@ def score_from_text(text: str, max_score: float = 100.0) -> Judgement:
         max_score: The largest valid score; numbers above it are not accepted.
     """
     stripped = text.strip()
+    rated = _RATED.search(stripped)  # before the labels: an explanation may open with any word
+    if rated:
+        value = float(rated.group(1))
+        return Judgement(value, "ok", text) if 0.0 <= value <= max_score else Judgement(None, "unparsed", text)
     label = _label(stripped)
     if label is not None:
         return Judgement(None, label, text)
