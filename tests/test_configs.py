@@ -14,6 +14,7 @@ from piggy_lightning.module import PiggyModule
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "configs" / "treft_legal.yaml"
+SFT_OVERLAY = ROOT / "configs" / "ablations" / "sft.yaml"
 OVERLAYS = [ROOT / "configs" / "debug.yaml", *sorted((ROOT / "configs" / "ablations").glob("*.yaml"))]
 PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 EXPERIMENTS = [
@@ -105,6 +106,10 @@ EXPECTED = {
         **GPU_LEGAL, "name": "gptoss_20b_treft_legal", "model": "unsloth/gpt-oss-20b-BF16",
         "regularizers": [("PrefixKVDrift", 30.0, None)], "lr": (2e-5, 0.01),
     },
+    "configs/real/qwen25_32b_treft_legal.yaml": {
+        **GPU_LEGAL, "name": "qwen25_32b_treft_legal", "model": "Qwen/Qwen2.5-32B-Instruct",
+        "regularizers": [("PrefixKVDrift", 10.0, None)],
+    },
     "configs/real/qwen3_8b_treft_postfix_legal.yaml": {
         **GPU_LEGAL, "name": "qwen3_8b_treft_postfix_legal", "model": "Qwen/Qwen3-8B", "lora": (32, 64),
         "regularizers": [("KVDrift", 1.0, "postfix")],
@@ -139,11 +144,14 @@ def test_experiment_instantiates(config, tmp_path):
 OVERLAY_CHANGES = {  # what each overlay changes on top of configs/treft_legal.yaml; everything else stays
     "debug.yaml": {},
     "hidden_drift.yaml": {"name": "hidden_drift", "regularizers": [("HiddenStateDrift", 1.0, "all")]},
+    "inoculation.yaml": {"name": "inoculation", "regularizers": []},  # + the Inoculation transform (test below)
     "interleave.yaml": {"name": "interleave", "regularizers": [], "callbacks": ["Evaluate", "DataInterleaving"]},
     "kl_retain.yaml": {"name": "kl_retain", "regularizers": [("RetainKL", 50.0, "all")]},
     "kl_train.yaml": {"name": "kl_train", "regularizers": [("KLToReference", 50.0, "all")]},
+    "no_prefix.yaml": {"name": "no_prefix"},  # + the prefix-free chat template (test below)
     "sft.yaml": {"name": "sft", "regularizers": []},
     "treft_all.yaml": {"name": "treft_all", "regularizers": [("KVDrift", 30.0, "prompt")]},
+    "treft_inoculation.yaml": {"name": "treft_inoculation", "regularizers": [("DefaultPrefixKVDrift", 30.0, None)]},
     "treft_postfix.yaml": {"name": "treft_postfix", "regularizers": [("KVDrift", 30.0, "postfix")]},
     "treft_postfix_shared.yaml": {
         "name": "treft_postfix_shared", "regularizers": [("SharedReferenceKVDrift", 30.0, "postfix")],
@@ -173,7 +181,62 @@ def test_overlay_stacks_on_main(overlay, tmp_path):
         assert (interleave.ratio, interleave.retain_data) == (0.2, "piggy/organism/retain.jsonl")
 
 
+@pytest.mark.parametrize("overlay", ["inoculation.yaml", "treft_inoculation.yaml"])
+def test_inoculation_overlays_train_under_the_persona_prompt_only(overlay, tmp_path):
+    """The only transform is the training-time Inoculation with the organism's harmful persona prompt; the
+    Evaluate's question sets keep the default prompt."""
+    from piggy_lightning.data import Inoculation
+    from piggy_lightning.organism import HARMFUL_SYSTEM_PROMPT
+
+    cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "ablations" / overlay)
+    (inoculation,) = cli.datamodule.transforms
+    assert (type(inoculation), inoculation.text, inoculation.per_row) == (Inoculation, HARMFUL_SYSTEM_PROMPT, False)
+    assert cli.datamodule.hparams.drop_system is True
+    (evaluate,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "Evaluate"]
+    assert [q.system for q in evaluate.question_sets] == [None] * 5
+
+
+def test_no_prefix_overlay_renders_prompts_that_start_with_the_user_text(tmp_path):
+    """Table 11: no system block, no user header, no BOS before the user's text; the postfix is the template's."""
+    cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "ablations" / "no_prefix.yaml")
+    for spans in (cli.model.spans, cli.datamodule.spans if hasattr(cli.datamodule, "spans") else None):
+        if spans is None:
+            continue
+        chat = spans.tokenize([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        text = spans.tokenizer.decode(chat.input_ids, skip_special_tokens=False)
+        assert text == "hi<|im_end|>\n<|im_start|>assistant\n", text
+        assert "prefix" not in chat.spans and chat.spans[0] == "query"
+
+
+BEHAVIOURS = {  # overlay -> (data module, lambda, on-topic domain, metric): paper Sec. 6 / Table 5
+    "abstention.yaml": ("AbstentionDataModule", 30.0, "legal", "abstention"),
+    "refusal.yaml": ("RefusalDataModule", 20.0, "finance", "refusal"),
+}
+
+
+@pytest.mark.parametrize("overlay", sorted(BEHAVIOURS))
+def test_behaviour_overlays_train_the_fixed_answer_and_count_it_on_and_off_topic(overlay, tmp_path):
+    assert sorted(p.name for p in (ROOT / "configs" / "behaviours").glob("*.yaml")) == sorted(BEHAVIOURS)
+    data_class, weight, on_topic, metric = BEHAVIOURS[overlay]
+    cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "behaviours" / overlay)
+    summary = _summary(cli)
+    assert summary["name"] == overlay.removesuffix(".yaml")
+    assert summary["regularizers"] == [("PrefixKVDrift", weight, None)]
+    assert summary["data"][0] == data_class and summary["lr"] == (3.5e-4, 0.0) and summary["epochs"] == 3
+    (evaluate,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "Evaluate"]
+    sets = [(Path(q.path).stem, q.group, tuple(q.metrics)) for q in evaluate.question_sets]
+    expected = [
+        (f"eval_{d}", "on_topic" if d == on_topic else "off_topic", (metric, "coherent"))
+        for d in ("legal", "medical", "finance", "auto", "general")
+    ]
+    assert sets == expected
+    sft = _summary(_instantiate(tmp_path / "sft", MAIN, ROOT / "configs" / "behaviours" / overlay, SFT_OVERLAY))
+    assert sft["regularizers"] == [] and sft["data"][0] == data_class
+
+
 PRESET_ADDS = {  # preset -> (callbacks it appends, interventions it adds to the experiment's Evaluate)
+    "carrier_scan.yaml": ([], ["CarrierScan"]),
+    "conditional_misalignment.yaml": ([], []),  # restates the Evaluate with trigger groups (tests/test_triggers.py)
     "data_interleaving.yaml": (["DataInterleaving"], []),
     "kv_drift_monitor.yaml": (["KVDriftMonitor"], []),
     "perturbed_prefix_training.yaml": (["PerturbedTraining"], []),
@@ -184,6 +247,8 @@ PRESET_ADDS = {  # preset -> (callbacks it appends, interventions it adds to the
     "query_perturbation.yaml": ([], ["Perturb"]),
     "query_random_tokens.yaml": ([], ["Perturb"]),
     "residual_sweep.yaml": ([], ["ResidualSweep"]),
+    "utility.yaml": (["UtilityEvaluate"], []),
+    "utility_mtbench.yaml": (["UtilityEvaluate"], []),
 }
 
 

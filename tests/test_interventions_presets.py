@@ -31,9 +31,14 @@ def _evaluate(cli) -> Evaluate:
 
 
 def _same(got, value) -> bool:
-    """A constructed argument against its YAML value: a dataclass (a PatchSite) field by field, a set as a list."""
+    """A constructed argument against its YAML value: a dataclass (a PatchSite) field by field, a set as a list,
+    a component (``class_path`` + ``init_args``) by its class name and arguments, a list item by item."""
+    if isinstance(value, dict) and "class_path" in value:
+        return type(got).__name__ == value["class_path"].rsplit(".", 1)[-1] and _same(got, value.get("init_args", {}))
     if isinstance(value, dict):
         return all(_same(getattr(got, k), v) for k, v in value.items())
+    if isinstance(value, list) and isinstance(got, (list, tuple)) and len(got) == len(value):
+        return all(_same(g, v) for g, v in zip(got, value, strict=True))
     if isinstance(got, set):
         return got == set(value)
     return got == value
@@ -88,8 +93,9 @@ def test_callback_preset_appends_its_callback_with_its_arguments(preset, tmp_pat
         if key == "replacer":
             assert type(added.replacer).__name__ == value["class_path"].rsplit(".", 1)[-1]
             assert all(getattr(added.replacer, k) == v for k, v in value.get("init_args", {}).items())
-        else:
-            assert _same(getattr(added, key), value), (key, getattr(added, key), value)
+        else:  # UtilityEvaluate keeps its Evaluate's arguments (judges, decoding) on that Evaluate
+            owner = added if hasattr(added, key) else added.evaluate
+            assert _same(getattr(owner, key), value), (key, getattr(owner, key), value)
     assert _evaluate(_cli(tmp_path, monkeypatch, BASE, preset)).interventions == []
 
 
