@@ -372,11 +372,13 @@ def test_committed_grids_expand_and_every_variant_resolves(grid_file):
     grid = load_grid(grid_file, ROOT)
     assert grid.cells()
     for experiment in grid.experiments.values():
-        # every named variant, and the first and last value of every sweep (the other values set the same keys)
+        # every named variant, and the first and last value of every sweep and of the replicates (the other values
+        # set the same keys)
         wanted = set()
         for axis in experiment.axes:
             names = [v.name for v in axis.variants]
-            wanted |= {(axis.name, n) for n in ((names[0], names[-1]) if axis.sweep else names)}
+            ends = axis.sweep or axis.name == experiment.replicate
+            wanted |= {(axis.name, n) for n in ((names[0], names[-1]) if ends else names)}
         seen: set[tuple[str, str]] = set()
         for cell in experiment.cells():
             if not (set(cell.coords) & wanted) - seen:
