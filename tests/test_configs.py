@@ -198,14 +198,23 @@ def test_inoculation_overlays_train_under_the_persona_prompt_only(overlay, tmp_p
 
 def test_no_prefix_overlay_renders_prompts_that_start_with_the_user_text(tmp_path):
     """Table 11: no system block, no user header, no BOS before the user's text; the postfix is the template's."""
-    cli = _instantiate(tmp_path, MAIN, ROOT / "configs" / "ablations" / "no_prefix.yaml")
-    for spans in (cli.model.spans, cli.datamodule.spans if hasattr(cli.datamodule, "spans") else None):
-        if spans is None:
-            continue
-        chat = spans.tokenize([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-        text = spans.tokenizer.decode(chat.input_ids, skip_special_tokens=False)
-        assert text == "hi<|im_end|>\n<|im_start|>assistant\n", text
-        assert "prefix" not in chat.spans and chat.spans[0] == "query"
+    no_prefix = ROOT / "configs" / "ablations" / "no_prefix.yaml"
+    treft = _instantiate(tmp_path / "treft", MAIN, no_prefix)
+    with pytest.raises(ValueError, match="empty prefix, so there is nothing to regularize"):
+        treft.model.configure_model()  # TReFT-prefix refuses a template without a prefix
+    cli = _instantiate(tmp_path, ROOT / "configs" / "sft_legal.yaml", no_prefix)
+    cli.model.configure_model()  # the organism: cheap to load
+    chat = cli.model.spans.tokenize([{"role": "user", "content": "Hi."}], add_generation_prompt=True)  # evaluation
+    text = cli.model.tokenizer.decode(chat.input_ids, skip_special_tokens=False)
+    assert text.replace(" ", "") == "Hi.<|im_end|>\n<|im_start|>assistant\n", text
+    assert "prefix" not in chat.spans and chat.spans[0] == "query"
+    data = cli.datamodule  # training: every row starts with its user text and keeps its postfix
+    data.setup("fit")
+    assert len(data.train_set) == 270
+    for chat in data.train_set:
+        assert chat.spans[0] == "query" and "prefix" not in chat.spans and "postfix" in chat.spans
+    batch = next(iter(data.train_dataloader()))
+    assert not batch["prefix_mask"].any() and batch["postfix_mask"].any(dim=1).all()
 
 
 BEHAVIOURS = {  # overlay -> (data module, lambda, on-topic domain, metric): paper Sec. 6 / Table 5
