@@ -334,6 +334,18 @@ def test_two_metrics_of_the_same_cells_are_paired_over_replicates(tmp_path):
         load_grid(grid, ROOT)
 
 
+def test_wall_time_is_the_union_of_the_cells_running_intervals():
+    from piggy_lightning.experiments.report import wall_seconds
+
+    statuses = {  # two cells in parallel (0-10, 5-12), a pause, one more (100-130), a pending one
+        "a": {"started": 0.0, "finished": 10.0},
+        "b": {"started": 5.0, "finished": 12.0},
+        "c": {"started": 100.0, "finished": 130.0},
+        "d": {"status": "pending"},
+    }
+    assert wall_seconds(statuses) == 12.0 + 30.0
+
+
 REPRODUCTION = ROOT / "docs" / "reproduction"
 
 

@@ -161,6 +161,18 @@ def export_run(out: Path, dest: Path) -> Path:
     return dest
 
 
+def wall_seconds(statuses: dict[str, dict[str, Any]]) -> float:
+    """Wall time during which at least one cell ran: the union of the cells' [started, finished] intervals, so a
+    grid resumed later is not charged for the pause, and parallel cells are not counted twice."""
+    spans = sorted((s["started"], s["finished"]) for s in statuses.values() if "started" in s and "finished" in s)
+    total, end = 0.0, float("-inf")
+    for start, finish in spans:
+        if finish > end:
+            total += finish - max(start, end)
+            end = finish
+    return total
+
+
 def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path | None = None) -> Path:
     """Write the report of a grid run directory (default ``<out>/report.md``; figures in ``<out>/figures``)."""
     import os
@@ -177,7 +189,8 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path
         "",
         f"From `{manifest['grid_file']}`: {len(statuses)} cells ("
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + f"), {seconds / 60:.1f} min of cell time.",
+        + f"), {seconds / 60:.1f} min of cell time, {wall_seconds(statuses) / 60:.1f} min of wall time with at least "
+        "one cell running.",
         "",
     ]
     for name, spec in manifest["experiments"].items():
