@@ -346,34 +346,40 @@ def test_wall_time_is_the_union_of_the_cells_running_intervals():
     assert wall_seconds(statuses) == 12.0 + 30.0
 
 
-REPRODUCTION = ROOT / "docs" / "reproduction"
+COMMITTED_RUNS = [  # (exported run, its report, the experiment and row checked by hand against the cell summaries)
+    ("reproduction", "table3"),
+    ("beyond", "mitigations"),
+]
 
 
-@pytest.mark.skipif(not (REPRODUCTION / "grid.json").is_file(), reason="no committed reproduction run")
-def test_committed_reproduction_report_equals_its_cells(tmp_path):
-    """docs/reproduction.md is what `main.py grid report docs/reproduction --report docs/reproduction.md` writes from
-    the committed cell summaries, and one of its numbers checked by hand against those summaries."""
+@pytest.mark.parametrize(("run", "experiment"), COMMITTED_RUNS, ids=[r for r, _ in COMMITTED_RUNS])
+def test_committed_report_equals_its_cells(run, experiment, tmp_path):
+    """docs/<run>.md is what `main.py grid report docs/<run> --report docs/<run>.md` writes from the committed cell
+    summaries, and one of its numbers checked by hand against those summaries."""
     from piggy_lightning.experiments.spec import load_grid
 
-    manifest = json.loads((REPRODUCTION / "grid.json").read_text())
+    exported = ROOT / "docs" / run
+    manifest = json.loads((exported / "grid.json").read_text())
     comparisons = load_grid(ROOT / manifest["grid_file"], ROOT).comparisons
     import shutil
 
-    copy = shutil.copytree(REPRODUCTION, tmp_path / "reproduction")  # figures are redrawn in the copy, not the repo
-    rebuilt = write_report(copy, comparisons, tmp_path / "reproduction.md")
-    committed = (ROOT / "docs" / "reproduction.md").read_text()
+    copy = shutil.copytree(exported, tmp_path / run)  # figures are redrawn in the copy, not the repo
+    rebuilt = write_report(copy, comparisons, tmp_path / f"{run}.md")
+    committed = (ROOT / "docs" / f"{run}.md").read_text()
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("![")]  # noqa: E731 (figure paths differ)
     assert strip(rebuilt.read_text()) == strip(committed)
     keys = [
-        c["key"] for c in manifest["cells"] if c["experiment"] == "table3" and c["coords"]["method"] == "treft_prefix"
+        c["key"] for c in manifest["cells"] if c["experiment"] == experiment and c["coords"]["method"] == "treft_prefix"
     ]
+    assert len(keys) == 3  # one per seed
     general = [
-        json.loads((REPRODUCTION / "cells" / k / "run/eval/fit_end/summary.json").read_text())["groups"]["general"][
+        json.loads((exported / "cells" / k / "run/eval/fit_end/summary.json").read_text())["groups"]["general"][
             "alignment"
         ]
         for k in keys
     ]
-    row = next(line for line in committed.splitlines() if line.startswith("| treft_prefix |"))
+    section = committed.split(f"## {experiment}:")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| treft_prefix |"))
     assert f"{statistics.mean(general):.1f} ± {statistics.stdev(general):.1f}" in row
 
 

@@ -61,8 +61,26 @@ def _dump(config: Any) -> dict[str, Any]:
 
 
 def parse_config(configs: list[str | Path]) -> dict[str, Any]:
-    """The complete ``fit`` config that ``configs`` merge into, as plain YAML data (link targets omitted)."""
-    return _dump(_parser().parse_args([a for c in configs for a in ("--config", str(c))]))
+    """The complete ``fit`` config that ``configs`` merge into, as plain YAML data (link targets omitted).
+
+    Cells that share their config files (the seeds of a variant, the values of a sweep) share one parse: a
+    process-wide cache keyed by each file's path, size and modification time, so an edited file is parsed again.
+    """
+    stamps = tuple((str(Path(c).resolve()), *_stamp(Path(c))) for c in configs)
+    return copy.deepcopy(_parse_files(stamps))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)  # the parser reports the missing file
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_files(stamps: tuple[tuple[str, int, int], ...]) -> dict[str, Any]:
+    return _dump(_parser().parse_args([a for path, *_ in stamps for a in ("--config", path)]))
 
 
 def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
