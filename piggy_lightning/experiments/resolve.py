@@ -57,7 +57,7 @@ def _parser() -> Any:
 
 
 def _dump(config: Any) -> dict[str, Any]:
-    return yaml.safe_load(_parser().dump(config))
+    return yaml.safe_load(_parser().dump(config, skip_check=True))  # parse_args/parse_object checked it
 
 
 def parse_config(configs: list[str | Path]) -> dict[str, Any]:
