@@ -69,12 +69,14 @@ def row_label(coords: dict[str, str]) -> str:
     return ",".join(f"{a}={v}" for a, v in coords.items())
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], metric: str = "") -> str:
+    """Mean ± sample sd; two decimals for a share (a ``*_rate`` metric, 0-1), one otherwise (0-100 scores)."""
     if not values:
         return "–"
+    digits = 2 if metric.endswith("_rate") else 1
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def experiment_rows(manifest: dict[str, Any], metrics: dict[str, dict[str, float]], name: str) -> list[dict[str, Any]]:
@@ -210,7 +212,7 @@ def write_report(out: Path, comparisons: tuple[Comparison, ...] = (), path: Path
                     value = published.get(m.removeprefix("paper "))
                     cells.append("–" if value is None else f"{value:g}")
                 else:
-                    cells.append(_fmt(list(row["values"].get(m, {}).values())))
+                    cells.append(_fmt(list(row["values"].get(m, {}).values()), m))
             if "missing" in header:
                 cells.append(str(row["missing"]))
             lines.append("| " + " | ".join(cells) + " |")
