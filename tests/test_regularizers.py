@@ -211,6 +211,21 @@ def test_kl_default_scale_equals_the_release_formula():
     torch.testing.assert_close(per_token, release * v)
 
 
+def test_kl_gradient_equals_the_release_formulas():
+    """The penalty's gradient with respect to the policy's logits is that of the release's
+    ``F.kl_div(log_softmax(policy), log_softmax(reference))`` at its scale (the reference runs under no_grad)."""
+    torch.manual_seed(1)
+    b, t, v = 2, 4, 11
+    batch = {"attention_mask": torch.ones(b, t, dtype=torch.long), "labels": torch.full((b, t), -100)}
+    ours = torch.randn(b, t, v, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    ref = torch.randn(b, t, v)
+    KLToReference(positions="all")(batch, ForwardRecord(logits=ours), ForwardRecord(logits=ref)).backward()
+    release = F.kl_div(theirs.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum")
+    (release / (b * t * v)).backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
 def test_hidden_state_drift_by_hand():
     """H = 2, two blocks; only position 1 (response) counts. Block outputs (hidden states 1 and 2):
     state 1: policy (1,2) vs ref (1,0): 4 / 2 = 2; state 2: policy (0,0) vs ref (1,1): 2 / 2 = 1.
