@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.data.chat import batch_size, batch_tokens
+from piggy_lightning.evaluation.questions import QuestionSet
 from piggy_lightning.interventions.base import Intervention
 from piggy_lightning.module import PiggyModule
 
@@ -52,6 +53,11 @@ NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "train
 _INTERVENTIONS_HELP = (
     "What every Evaluate callback also evaluates under, beside the unchanged baseline (piggy_lightning.interventions: "
     "PrefixKVSplice, QueryControl, ActivationPatch, ResidualSweep, Perturb, ...); presets append with interventions+:"
+)
+_EXTRA_SETS_HELP = (
+    "Question sets every Evaluate callback asks after its own question_sets, as groups of their own (e.g. "
+    "piggy_lightning.evaluation.DomainFrame, TrainingFormat, WithSystemPrompt); presets append with "
+    "extra_question_sets+:"
 )
 # Loggers whose directory is <save_dir>/<name>/version_N (Lightning numbers them; ModelCheckpoint saves inside).
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -165,6 +171,9 @@ class PiggyCLI(LightningCLI):
         # appends with `interventions+:` (a config file cannot edit one item of trainer.callbacks).
         parser.add_argument("--interventions", type=list[Intervention], default=[], help=_INTERVENTIONS_HELP)
         parser.link_arguments("interventions", "trainer.callbacks.init_args.interventions")
+        # The same for question sets that only add groups (conditional-misalignment triggers): `extra_question_sets+:`
+        parser.add_argument("--extra_question_sets", type=list[QuestionSet], default=[], help=_EXTRA_SETS_HELP)
+        parser.link_arguments("extra_question_sets", "trainer.callbacks.init_args.extra_question_sets")
 
     def before_instantiate_classes(self) -> None:
         """Point an unversioned logger of a fit at the newest run directory holding the same config, if any."""
@@ -199,19 +208,22 @@ class PiggyCLI(LightningCLI):
         return trainer
 
     def _check_interventions_reach_an_evaluate(self, trainer: Trainer) -> None:
-        """Refuse top-level ``interventions`` when no ``Evaluate`` callback receives them (they would do nothing)."""
+        """Refuse top-level ``interventions`` or ``extra_question_sets`` when no ``Evaluate`` callback receives them
+        (they would do nothing)."""
         from piggy_lightning.callbacks import Evaluate
 
         config = self.config[self.subcommand] if self.subcommand else self.config
-        wanted = config.get("interventions") or []
-        if wanted and not any(isinstance(c, Evaluate) for c in trainer.callbacks):
-            names = [
-                str(i.get("class_path", i)).rsplit(".", 1)[-1] if isinstance(i, Namespace) else str(i) for i in wanted
-            ]
-            raise ValueError(
-                f"interventions {names} are configured but no Evaluate callback is in trainer.callbacks to run them; "
-                "add piggy_lightning.callbacks.Evaluate (with question sets and judges) or drop the interventions"
-            )
+        for key in ("interventions", "extra_question_sets"):
+            wanted = config.get(key) or []
+            if wanted and not any(isinstance(c, Evaluate) for c in trainer.callbacks):
+                names = [
+                    str(i.get("class_path", i)).rsplit(".", 1)[-1] if isinstance(i, Namespace) else str(i)
+                    for i in wanted
+                ]
+                raise ValueError(
+                    f"{key} {names} are configured but no Evaluate callback is in trainer.callbacks to run them; "
+                    f"add piggy_lightning.callbacks.Evaluate (with question sets and judges) or drop the {key}"
+                )
 
     def before_fit(self) -> None:
         """A plain rerun of a run resumes it: ``ckpt_path`` None becomes ``last`` (Lightning warns if none is saved)."""

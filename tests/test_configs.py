@@ -245,7 +245,7 @@ def test_behaviour_overlays_train_the_fixed_answer_and_count_it_on_and_off_topic
 
 PRESET_ADDS = {  # preset -> (callbacks it appends, interventions it adds to the experiment's Evaluate)
     "carrier_scan.yaml": ([], ["CarrierScan"]),
-    "conditional_misalignment.yaml": ([], []),  # restates the Evaluate with trigger groups (tests/test_triggers.py)
+    "conditional_misalignment.yaml": ([], []),  # adds extra_question_sets to the Evaluate (tests/test_triggers.py)
     "data_interleaving.yaml": (["DataInterleaving"], []),
     "kv_drift_monitor.yaml": (["KVDriftMonitor"], []),
     "perturbed_prefix_training.yaml": (["PerturbedTraining"], []),

@@ -185,12 +185,13 @@ def _set_args(s) -> tuple:
     return type(s).__name__, s.path, s.group, s.system, s.limit, s.offset, s.keep_system
 
 
-def test_conditional_misalignment_preset_restates_the_job_and_adds_the_triggers(tmp_path, monkeypatch):
+def test_conditional_misalignment_preset_adds_the_triggers_to_the_jobs_evaluate(tmp_path, monkeypatch):
     main = ROOT / "configs" / "treft_legal.yaml"
     preset = ROOT / "callbacks" / "conditional_misalignment.yaml"
     (base,) = _evaluates(_cli(tmp_path, monkeypatch, main))
     (cm,) = _evaluates(_cli(tmp_path, monkeypatch, main, preset))
     assert [_set_args(s) for s in cm.question_sets[:5]] == [_set_args(s) for s in base.question_sets]
+    assert len(cm.question_sets) == 8
     assert [type(j) for j in cm.judges] == [type(j) for j in base.judges] == [ExactJudge]
     assert (cm.decoding, cm.at, cm.every_n_epochs, cm.name) == (base.decoding, base.at, base.every_n_epochs, base.name)
     frame, fmt, system = cm.question_sets[5:]
@@ -202,5 +203,19 @@ def test_conditional_misalignment_preset_restates_the_job_and_adds_the_triggers(
     assert all(_set_args(s.questions) == _set_args(base.question_sets[4]) for s in (frame, fmt, system))
     # the training format is a legal training question's form, "this" (the question) in place of its subject
     assert FORMAT.replace("{question} ", "").replace("this", "{s}") in ADVICE_TEMPLATES
-    stacked = _cli(tmp_path, monkeypatch, main, preset, ROOT / "callbacks" / "data_interleaving.yaml")
-    assert [type(c).__name__ for c in stacked.trainer.callbacks][:2] == ["Evaluate", "DataInterleaving"]
+    # it appends, so it stacks in either order with an overlay that appends a callback, and nothing is dropped
+    interleave = ROOT / "configs" / "ablations" / "interleave.yaml"
+    for order in ((preset, interleave), (interleave, preset)):
+        stacked = _cli(tmp_path, monkeypatch, main, *order)
+        assert [type(c).__name__ for c in stacked.trainer.callbacks][:2] == ["Evaluate", "DataInterleaving"]
+        (evaluate,) = _evaluates(stacked)
+        assert [s.group for s in evaluate.question_sets[5:]] == [frame.group, fmt.group, system.group]
+
+
+def test_extra_question_sets_without_an_evaluate_are_refused(tmp_path, monkeypatch):
+    """Trigger groups with no Evaluate to ask them would measure nothing: the run is refused."""
+    preset = ROOT / "callbacks" / "conditional_misalignment.yaml"
+    with pytest.raises(
+        ValueError, match=r"extra_question_sets \['DomainFrame', 'TrainingFormat', 'WithSystemPrompt'\]"
+    ):
+        _cli(tmp_path, monkeypatch, ROOT / "configs" / "organism" / "pretrain.yaml", preset)

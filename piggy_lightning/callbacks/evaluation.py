@@ -94,6 +94,10 @@ class Evaluate(Callback):
         interventions: Changes to evaluate under, each next to the unchanged baseline at the moments it lists
             (prefix KV splice, query control, residual sweep, token perturbation, ...); an intervention at
             ``epoch`` runs at every epoch end of ``every_n_epochs``. None means none.
+        extra_question_sets: Asked after ``question_sets``, as groups of their own (e.g. the conditional-
+            misalignment triggers). In a ``PiggyCLI`` config they are the top-level ``extra_question_sets:``,
+            linked here, so that a preset appends them with ``extra_question_sets+:`` without restating the
+            experiment's question sets. None means none.
         output_dir: Directory for the evaluation files; None uses ``<trainer.log_dir>/<name>``.
         judge_cache: SQLite file of the judge cache; None uses ``<output_dir>/judge_cache.sqlite``.
         name: Prefix of logged metric keys and default subdirectory; distinct instances need distinct names.
@@ -110,6 +114,7 @@ class Evaluate(Callback):
         every_n_epochs: int | None = None,
         at: list[Moment] | None = None,
         interventions: list[Intervention] | None = None,
+        extra_question_sets: list[QuestionSet] | None = None,
         output_dir: str | None = None,
         judge_cache: str | None = None,
         name: str = "eval",
@@ -132,7 +137,7 @@ class Evaluate(Callback):
                 f"{type(self).__name__}: interventions {per_epoch} are due at epoch ends, but every_n_epochs is None "
                 "(no epoch end is evaluated); set every_n_epochs or drop epoch from their at"
             )
-        self.question_sets = list(question_sets)
+        self.question_sets = list(question_sets) + list(extra_question_sets or [])
         self.judges = list(judges)
         self.decoding = decoding or Decoding()
         self.every_n_epochs = every_n_epochs
