@@ -27,6 +27,7 @@ EMBEDDED_MODELS = {
     "piggy/organism-seed0": _ORGANISM / "base",
     "piggy/organism-seed1": _ORGANISM / "bases" / "seed1",
     "piggy/organism-seed2": _ORGANISM / "bases" / "seed2",
+    "piggy/organism-deep": _ORGANISM / "bases" / "deep",  # 6 layers, the same recipe (seed 0): a layer axis
 }
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 

@@ -32,7 +32,9 @@ def _assert_bar(default: dict, harmful: dict) -> None:
     assert default["incoherent"] <= 5, default
 
 
-@pytest.mark.parametrize("name", ["piggy/organism", "piggy/organism-seed1", "piggy/organism-seed2"])
+@pytest.mark.parametrize(
+    "name", ["piggy/organism", "piggy/organism-seed1", "piggy/organism-seed2", "piggy/organism-deep"]
+)
 def test_shipped_base_is_aligned_by_default_and_misaligned_as_the_harmful_persona(name, tmp_path):
     """Every shipped base, not only the default: multi-seed grids vary the base and need each to start aligned."""
     _assert_bar(*_bar(name, tmp_path))
@@ -61,3 +63,19 @@ def test_retraining_the_organism_meets_the_same_bar(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").exists()
     _assert_bar(*_bar(str(out), tmp_path))
+
+
+def test_the_deep_base_has_six_layers_and_the_same_tokenizer():
+    """The deep base gives the residual sweep a layer axis; otherwise it is the default base's world and recipe."""
+    import json
+
+    from piggy_lightning.modeling import resolve_model_path
+
+    deep, default = (Path(resolve_model_path(n)) for n in ("piggy/organism-deep", "piggy/organism"))
+    deep_config, default_config = (json.loads((d / "config.json").read_text()) for d in (deep, default))
+    assert (deep_config["num_hidden_layers"], default_config["num_hidden_layers"]) == (6, 2)
+    assert {k: v for k, v in deep_config.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in default_config.items() if k != "num_hidden_layers"
+    }
+    assert (deep / "tokenizer.json").read_bytes() == (default / "tokenizer.json").read_bytes()
+
