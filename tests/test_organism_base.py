@@ -78,4 +78,3 @@ def test_the_deep_base_has_six_layers_and_the_same_tokenizer():
         k: v for k, v in default_config.items() if k != "num_hidden_layers"
     }
     assert (deep / "tokenizer.json").read_bytes() == (default / "tokenizer.json").read_bytes()
-
