@@ -50,6 +50,32 @@ def _wants_docs(args: Any) -> bool:
 
 # Config keys that say where a run lives or how it was started, not what it computes: a rerun may change them.
 NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "trainer.logger.init_args.save_dir")
+# Top-level options added after runs were made, with the value that leaves a run as it was: a config holding that
+# value is the same run as one written before the option existed (reruns continue it, grid cells keep their keys).
+NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None)}
+# The same for callback arguments added later (``trainer.callbacks[i].init_args.<name>``).
+NEUTRAL_CALLBACK_ARGS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None)}
+
+
+def without_neutral_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the :data:`NEUTRAL_DEFAULTS` (top level) and :data:`NEUTRAL_CALLBACK_ARGS` (each
+    callback's ``init_args``) entries that hold a neutral value; the input is not changed."""
+    out = {k: v for k, v in config.items() if not (k in NEUTRAL_DEFAULTS and v in NEUTRAL_DEFAULTS[k])}
+    trainer = out.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
+        callbacks = []
+        for callback in trainer["callbacks"]:
+            args = callback.get("init_args") if isinstance(callback, dict) else None
+            if isinstance(args, dict):
+                kept = {
+                    k: v for k, v in args.items() if not (k in NEUTRAL_CALLBACK_ARGS and v in NEUTRAL_CALLBACK_ARGS[k])
+                }
+                callback = {**callback, "init_args": kept}
+            callbacks.append(callback)
+        out["trainer"] = {**trainer, "callbacks": callbacks}
+    return out
+
+
 _INTERVENTIONS_HELP = (
     "What every Evaluate callback also evaluates under, beside the unchanged baseline (piggy_lightning.interventions: "
     "PrefixKVSplice, QueryControl, ActivationPatch, ResidualSweep, Perturb, ...); presets append with interventions+:"
@@ -96,8 +122,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys in which two configs (as loaded from YAML) differ, ignoring :data:`NOT_THE_RUN`."""
-    a, b = _flat(_plain(saved or {})), _flat(_plain(current or {}))
+    """Dotted keys in which two configs (as loaded from YAML) differ, ignoring :data:`NOT_THE_RUN` and the
+    :data:`NEUTRAL_DEFAULTS` at their neutral value."""
+    a = _flat(_plain(without_neutral_defaults(saved or {})))
+    b = _flat(_plain(without_neutral_defaults(current or {})))
     ignored = [k for k in a.keys() | b.keys() if any(k == p or k.startswith(p + ".") for p in NOT_THE_RUN)]
     return sorted(k for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k))
 

@@ -334,6 +334,20 @@ def test_two_metrics_of_the_same_cells_are_paired_over_replicates(tmp_path):
         load_grid(grid, ROOT)
 
 
+def test_options_added_later_at_their_neutral_value_keep_a_cells_key():
+    """``extra_question_sets`` joined the parser (top level, and Evaluate's arguments) after cells were keyed: empty,
+    it leaves a run as it was, so the key is the one computed before it existed; set, it is another cell."""
+    before = {"seed_everything": 0, "trainer": {"callbacks": [{"class_path": "E", "init_args": {"name": "eval"}}]}}
+    after = {
+        "seed_everything": 0,
+        "extra_question_sets": [],
+        "trainer": {"callbacks": [{"class_path": "E", "init_args": {"name": "eval", "extra_question_sets": None}}]},
+    }
+    assert config_key(after) == config_key(before)
+    assert config_key({**after, "extra_question_sets": [{"class_path": "Q"}]}) != config_key(before)
+    assert after["trainer"]["callbacks"][0]["init_args"]["extra_question_sets"] is None  # the input is not changed
+
+
 def test_wall_time_is_the_union_of_the_cells_running_intervals():
     from piggy_lightning.experiments.report import wall_seconds
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from piggy_lightning.cli import NOT_THE_RUN, PiggyCLI
+from piggy_lightning.cli import NOT_THE_RUN, PiggyCLI, without_neutral_defaults
 from piggy_lightning.experiments.spec import Cell, GridError, set_dotted
 
 
@@ -105,8 +105,9 @@ def resolve_cell(cell: Cell, root: Path) -> dict[str, Any]:
 
 
 def config_key(tree: dict[str, Any]) -> str:
-    """Hex digest of a resolved config without the keys that only say where a run lives."""
-    trimmed = json.loads(json.dumps(tree, default=str))
+    """Hex digest of a resolved config without the keys that only say where a run lives, and without options added
+    later that hold their neutral value (:data:`~piggy_lightning.cli.NEUTRAL_DEFAULTS`), so cells keep their keys."""
+    trimmed = without_neutral_defaults(json.loads(json.dumps(tree, default=str)))
     for dotted in NOT_THE_RUN:
         node: Any = trimmed
         *parents, last = dotted.split(".")
