@@ -101,6 +101,13 @@ def task_vector_cosines(out: Path, manifest: dict[str, Any], experiment: str) ->
     return result
 
 
+def _layer_stats(contexts: dict[str, dict[str, float]], layer: str) -> tuple[float, float, int]:
+    """Mean, sample sd (0 for one value) and count of one layer's cosine over the compared contexts."""
+    values = [c[layer] for c in contexts.values() if layer in c]
+    mean = statistics.mean(values) if values else float("nan")
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
 def _order(layer: str) -> tuple[int, int]:
     return (0, int(layer)) if layer.isdigit() else (1, 0)
 
@@ -117,9 +124,8 @@ def task_vector_lines(result: dict[str, Any], figure: str | None) -> list[str]:
     for pair, contexts in result["pairs"].items():
         cells = []
         for layer in layers:
-            values = [c[layer] for c in contexts.values() if layer in c]
-            mean = statistics.mean(values) if values else float("nan")
-            cells.append(f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}")
+            mean, sd, n = _layer_stats(contexts, layer)
+            cells.append(f"{mean:.3f} ± {sd:.3f}" if n > 1 else f"{mean:.3f}")
         lines.append(f"| {pair} | " + " | ".join(cells) + f" | {len(contexts)} |")
     lines.append("")
     if figure is not None:
@@ -129,7 +135,7 @@ def task_vector_lines(result: dict[str, Any], figure: str | None) -> list[str]:
 
 def draw_task_vectors(result: dict[str, Any], path: Path) -> Path | None:
     """Per-layer cosine of each pair (mean, with the sd as error bars) drawn with matplotlib; None if empty."""
-    from piggy_lightning.experiments.figures import plt
+    from piggy_lightning.experiments.figures import plt, save
 
     layers = [layer for layer in result["layers"] if layer.isdigit()]
     if not layers or not result["pairs"]:
@@ -138,16 +144,12 @@ def draw_task_vectors(result: dict[str, Any], path: Path) -> Path | None:
     for pair, contexts in result["pairs"].items():
         means, sds = [], []
         for layer in layers:
-            values = [c[layer] for c in contexts.values() if layer in c]
-            means.append(statistics.mean(values))
-            sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            mean, sd, _ = _layer_stats(contexts, layer)
+            means.append(mean)
+            sds.append(sd)
         ax.errorbar([int(x) for x in layers], means, yerr=sds, marker="o", capsize=3, label=pair)
     ax.set_xlabel("layer")
     ax.set_ylabel("task-vector cosine")
     ax.set_xticks([int(x) for x in layers])
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -60,6 +60,11 @@ def draw(rows: list[dict[str, Any]], axes: list[str], metric: str, title: str, p
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a report figure."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

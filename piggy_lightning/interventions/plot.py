@@ -42,10 +42,7 @@ def line_chart(
     Returns:
         The drawn chart as a ``(3, H, W)`` uint8 raster.
     """
-    dpi = 100
-    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, canvas, axes = _canvas(size)
     values = [float("nan") if y is None else y for y in ys]
     axes.plot(list(xs), values, marker="o", color="tab:blue", label=ylabel or "patched")
     if baseline is not None:
@@ -59,7 +56,7 @@ def line_chart(
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
-    return _save(figure, canvas, path, dpi)
+    return _save(figure, canvas, path)
 
 
 def bar_chart(
@@ -81,10 +78,7 @@ def bar_chart(
     Returns:
         The drawn chart as a ``(3, H, W)`` uint8 raster.
     """
-    dpi = 100
-    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, canvas, axes = _canvas(size)
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
     x, ticks, labels = 0, [], []
     for g, (name, bars) in enumerate(groups.items()):
@@ -102,14 +96,23 @@ def bar_chart(
     axes.grid(alpha=0.3, axis="y")
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
-    return _save(figure, canvas, path, dpi)
+    return _save(figure, canvas, path)
 
 
-def _save(figure: Figure, canvas: FigureCanvasAgg, path: str | Path, dpi: int) -> Tensor:
+_DPI = 100
+
+
+def _canvas(size: tuple[int, int]):
+    """An off-screen figure of ``size`` pixels, its Agg canvas and one axes."""
+    figure = Figure(figsize=(size[0] / _DPI, size[1] / _DPI), dpi=_DPI)
+    return figure, FigureCanvasAgg(figure), figure.add_subplot()
+
+
+def _save(figure: Figure, canvas: FigureCanvasAgg, path: str | Path) -> Tensor:
     """Save ``figure`` as a PNG at ``path`` and return its raster ``(3, H, W)`` uint8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    figure.savefig(path, dpi=_DPI)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())  # (H, W, 4)
     return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)  # (3, H, W)
