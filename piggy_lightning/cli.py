@@ -53,25 +53,24 @@ NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "train
 # Top-level options added after runs were made, with the value that leaves a run as it was: a config holding that
 # value is the same run as one written before the option existed (reruns continue it, grid cells keep their keys).
 NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None)}
-# The same for callback arguments added later (``trainer.callbacks[i].init_args.<name>``).
-NEUTRAL_CALLBACK_ARGS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None)}
 
 
 def without_neutral_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without the :data:`NEUTRAL_DEFAULTS` (top level) and :data:`NEUTRAL_CALLBACK_ARGS` (each
-    callback's ``init_args``) entries that hold a neutral value; the input is not changed."""
-    out = {k: v for k, v in config.items() if not (k in NEUTRAL_DEFAULTS and v in NEUTRAL_DEFAULTS[k])}
+    """``config`` without the :data:`NEUTRAL_DEFAULTS` entries that hold a neutral value, at the top level and in
+    each callback's ``init_args`` (a linked option is also a callback argument); the input is not changed."""
+
+    def strip(args: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in args.items() if not (k in NEUTRAL_DEFAULTS and v in NEUTRAL_DEFAULTS[k])}
+
+    out = strip(config)
     trainer = out.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
-        callbacks = []
-        for callback in trainer["callbacks"]:
-            args = callback.get("init_args") if isinstance(callback, dict) else None
-            if isinstance(args, dict):
-                kept = {
-                    k: v for k, v in args.items() if not (k in NEUTRAL_CALLBACK_ARGS and v in NEUTRAL_CALLBACK_ARGS[k])
-                }
-                callback = {**callback, "init_args": kept}
-            callbacks.append(callback)
+        callbacks = [
+            {**c, "init_args": strip(c["init_args"])}
+            if isinstance(c, dict) and isinstance(c.get("init_args"), dict)
+            else c
+            for c in trainer["callbacks"]
+        ]
         out["trainer"] = {**trainer, "callbacks": callbacks}
     return out
 
@@ -232,10 +231,10 @@ class PiggyCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last is None:
                 callback.save_last = True
-        self._check_interventions_reach_an_evaluate(trainer)
+        self._check_links_reach_an_evaluate(trainer)
         return trainer
 
-    def _check_interventions_reach_an_evaluate(self, trainer: Trainer) -> None:
+    def _check_links_reach_an_evaluate(self, trainer: Trainer) -> None:
         """Refuse top-level ``interventions`` or ``extra_question_sets`` when no ``Evaluate`` callback receives them
         (they would do nothing)."""
         from piggy_lightning.callbacks import Evaluate
