@@ -28,6 +28,7 @@ from piggy_lightning.interventions.plot import bar_chart
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
 from piggy_lightning.organism import ExactJudge
+from tests.fixtures.tiny import randomize_lora_b
 from tests.test_interventions_sweep import read_png
 from tests.test_patching import one_thread  # noqa: F401  (autouse)
 
@@ -46,11 +47,7 @@ def _module(model_dir, targets=None, seed=None) -> PiggyModule:
     module = PiggyModule(model_dir, lora=lora)
     module.configure_model()
     if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in module.policy.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        randomize_lora_b(module, seed)
     module.policy.eval()
     return module
 

@@ -27,6 +27,7 @@ from piggy_lightning.interventions import ActivationPatch, PatchSite, PrefixKVSp
 from piggy_lightning.modeling import LoraSpec
 from piggy_lightning.module import PiggyModule
 from piggy_lightning.sites import recording
+from tests.fixtures.tiny import randomize_lora_b
 from tests.test_eval_questions import FIXTURES
 
 QUERIES = ["I feel bored.", "What is your wish? Tell me now.", "hello"]
@@ -57,11 +58,7 @@ def build_module(model_dir, finetuned: bool) -> PiggyModule:
     module = PiggyModule(model_dir, lora=LoraSpec(r=2, alpha=4))
     module.configure_model()
     if finetuned:
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in module.policy.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        randomize_lora_b(module, 1)
     module.policy.eval()
     return module
 
