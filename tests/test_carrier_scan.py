@@ -319,6 +319,7 @@ def test_whole_prompt_patch_gives_the_references_cache_and_with_a_kv_only_change
         assert got != _generate(module, None, decoding)
 
 
+@pytest.mark.slow  # ~8 s: trains the organism first; the scan's own tests run on tiny models by default
 def test_scan_of_a_finetuned_organism_through_evaluate_writes_the_table_and_the_chart(tmp_path):
     """A short SFT on legal misaligned advice (the main job's recipe: lr 1.5e-4, cosine, 51 steps), then the scan at
     fit end: one row per prefix position, then prefix, query, postfix and prompt; each restored value is the

@@ -211,6 +211,7 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["main.py", "grid", *args], code, out.getvalue(), "")
 
 
+@pytest.mark.slow  # ~23 s: fits several organism cells; the grid's parts have their own fast tests
 def test_organism_grid_end_to_end_with_resume_and_a_failed_cell(tmp_path, base, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grid_file = _grid(

@@ -33,7 +33,13 @@ def _assert_bar(default: dict, harmful: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["piggy/organism", "piggy/organism-seed1", "piggy/organism-seed2", "piggy/organism-deep"]
+    "name",
+    [
+        "piggy/organism",
+        "piggy/organism-seed1",
+        "piggy/organism-seed2",
+        pytest.param("piggy/organism-deep", marks=pytest.mark.slow),  # ~11 s: 6 layers; only Fig. 4 uses it
+    ],
 )
 def test_shipped_base_is_aligned_by_default_and_misaligned_as_the_harmful_persona(name, tmp_path):
     """Every shipped base, not only the default: multi-seed grids vary the base and need each to start aligned."""
