@@ -52,7 +52,7 @@ def _wants_docs(args: Any) -> bool:
 NOT_THE_RUN = ("ckpt_path", "config", "trainer.logger.init_args.version", "trainer.logger.init_args.save_dir")
 # Top-level options added after runs were made, with the value that leaves a run as it was: a config holding that
 # value is the same run as one written before the option existed (reruns continue it, grid cells keep their keys).
-NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None)}
+NEUTRAL_DEFAULTS: dict[str, tuple[Any, ...]] = {"extra_question_sets": ([], None), "backend": (None,)}
 
 
 def without_neutral_defaults(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Two-process DDP on CPU (gloo) through Lightning's own strategy: training, the frozen reference, TReFT, and the
-rank-0 evaluation, patching and export callbacks must finish without a collective deadlock, and the logged
-``train/loss`` is the mean over both ranks' halves of the batch, not rank 0's half."""
+"""Two-process DDP on CPU (gloo) through Lightning's own strategy: training, the frozen reference, TReFT, the sharded
+evaluation (with patching and perturbation) and export must finish without a collective deadlock; the logged
+``train/loss`` is the mean over both ranks' halves of the batch, not rank 0's half; and the sharded evaluation's
+records and summaries are exactly those of one process evaluating the same weights."""
 
 import json
 import subprocess
@@ -31,25 +32,59 @@ class RankLosses(Callback):
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.losses))
 
 
+PERTURB = {  # prefix perturbation, 2 sampled trials (the preset's 10 would triple the test's time)
+    "class_path": "piggy_lightning.interventions.Perturb",
+    "init_args": {
+        "segment": "prefix", "n_tokens": 10, "trials": 2, "temperature": 0.7, "top_p": 0.9, "at": ["fit_end", "test"],
+        "replacer": {"class_path": "piggy_lightning.interventions.NearestNeighbours", "init_args": {"k": 5}},
+    },
+}  # fmt: skip
+RUNS = ("", "@splice_kv_prefix", "@patch_kv_query_matched", "@perturb_prefix_neighbours")
+OPERATIONAL = ("judge_cache", "generation")  # how the work was shared out, not what it found
+
+
+def _main(*args: str, timeout: int = 300) -> None:
+    cmd = [sys.executable, "main.py", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
     recorder = {"class_path": "tests.test_ddp.RankLosses", "init_args": {"out_dir": str(tmp_path)}}
-    cmd = [
-        sys.executable, "main.py", "fit", "--config", "configs/treft_legal.yaml",
-        "--config", "callbacks/prefix_patching.yaml", "--config", "callbacks/kv_drift_monitor.yaml",
+    config = [
+        "--config", "configs/treft_legal.yaml", "--config", "callbacks/prefix_patching.yaml",
+        f"--interventions+={json.dumps(PERTURB)}", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    _main(
+        "fit", *config, "--config", "callbacks/kv_drift_monitor.yaml",
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks+=piggy_lightning.callbacks.ExportPretrained",
         f"--trainer.callbacks+={json.dumps(recorder)}",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )  # fmt: skip
     run = next(tmp_path.glob("treft_legal/version_*"))
     assert (run / "eval" / "fit_end" / "summary.json").exists()
     side = json.loads((run / "eval" / "fit_end@interventions.json").read_text())
-    assert list(side) == ["baseline", "splice_kv_prefix", "patch_kv_query_matched"], list(side)
-    assert (run / "eval" / "fit_end@splice_kv_prefix" / "summary.json").exists()
+    assert list(side) == ["baseline", "splice_kv_prefix", "patch_kv_query_matched", "perturb_prefix_neighbours"]
     assert (run / "export" / "model.safetensors").exists()
+
+    # one process evaluates the same weights (the fit's last checkpoint) under the same interventions
+    single = tmp_path / "single"
+    _main("test", *config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--trainer.logger.init_args.save_dir", str(single))  # fmt: skip
+    alone = next(single.glob("treft_legal/version_*")) / "eval"
+    for suffix in RUNS:
+        sharded, one = run / "eval" / f"fit_end{suffix}", alone / f"test{suffix}"
+        assert (sharded / "results.jsonl").read_text() == (one / "results.jsonl").read_text(), suffix
+        assert not list(sharded.glob("responses.rank*.jsonl")), suffix  # folded into responses.jsonl
+        assert _records(sharded / "responses.jsonl") == _records(one / "responses.jsonl"), suffix
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (sharded, one))
+        assert {k: v for k, v in a.items() if k not in OPERATIONAL} == {
+            k: v for k, v in b.items() if k not in OPERATIONAL
+        }, suffix
+        by_rank = a["generation"]["generated_by_rank"]
+        assert len(by_rank) == 2 and min(by_rank) > 0, (suffix, by_rank)  # both ranks generated a share
+        assert sum(by_rank) == b["generation"]["generated_by_rank"][0] == len(_records(one / "results.jsonl"))
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,6 +97,10 @@ def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
         mean = (ranks[0][step] + ranks[1][step]) / 2
         assert event.value == pytest.approx(mean, rel=1e-5), (event.step, event.value, ranks[0][step], ranks[1][step])
         assert abs(ranks[0][step] - ranks[1][step]) > 1e-4  # the halves differ, so rank 0's alone would not pass
+
+
+def _records(path: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 class KillAt(Callback):

@@ -75,6 +75,7 @@ def _reference(model, tokenizer, spans, question, max_new_tokens):
 
 class _Spy(GenerationIntervention):
     name = "spy"
+    needs_model_hooks = True
 
     def __init__(self):
         self.prefix_lengths, self.batches, self.seeds = [], [], set()
@@ -146,6 +147,7 @@ def test_a_supplied_prefix_cache_is_what_generation_reads(tmp_path):
 
     class ZeroPrefix(GenerationIntervention):
         name = "zero_prefix"
+        needs_model_hooks = True
 
         def prefix_cache(self, model, prefix_ids):
             return [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in super().prefix_cache(model, prefix_ids)]

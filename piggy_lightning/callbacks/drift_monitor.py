@@ -85,10 +85,14 @@ class KVDriftMonitor(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_step or not trainer.is_global_zero:  # gradient accumulation repeats a step
+        if step == self._last_step:  # gradient accumulation repeats a step
             return
         self._last_step = step
+        # every rank runs the one-row forward: under FSDP it is a collective (rank 0 alone would wait forever for
+        # the others' shards); under DDP the replicas compute the same numbers, and only rank 0 writes them
         drift_k, drift_v = self.drift(pl_module)  # (L, P) each
+        if not trainer.is_global_zero:
+            return
         per_k, per_v = drift_k.mean(1).tolist(), drift_v.mean(1).tolist()
         scalars = {"drift/prefix_kv": (drift_k.mean(1) + drift_v.mean(1)).mean().item()}
         for i, layer in enumerate(self._layer_ids):

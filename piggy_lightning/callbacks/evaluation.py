@@ -44,8 +44,15 @@ Fig. 6 (with ``every_n_epochs: 1`` on the ``Evaluate`` above and ``trainer.max_e
       - class_path: piggy_lightning.interventions.PrefixKVSplice
         init_args: {at: [epoch]}
 
-Evaluation runs on global rank 0 only (the policy is called unwrapped, so DDP needs no collective; FSDP/DeepSpeed-
-sharded policies are not supported) while the other ranks wait at a barrier.
+Generation comes from a ``backend`` (:mod:`piggy_lightning.evaluation.backends`): by default HF ``generate`` on the
+policy in this process, which every intervention can use; a backend that sends token ids elsewhere (vLLM, an
+OpenAI-compatible completions server) serves plain and perturbed evaluation, and an intervention it cannot apply is
+refused when the fit starts.
+
+Evaluation is sharded over the trainer's processes: every rank generates and judges its share of the batches (of the
+unwrapped policy under DDP; of the sharded one in lockstep under FSDP, ``ModelParallelStrategy`` or ZeRO-3), and
+rank 0 gathers the records and writes one ``results.jsonl`` and one summary, exactly those of one process
+(``tests/test_ddp.py``). Logging and the interventions' conclusions happen on rank 0.
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ from piggy_lightning.callbacks.reporting import (
     write_comparison,
     write_rephrased,
 )
+from piggy_lightning.callbacks.sharding import ranks_weights_digest, shard_of
+from piggy_lightning.evaluation.backends import GenerationBackend, HFBackend
 from piggy_lightning.evaluation.generation import Decoding
-from piggy_lightning.evaluation.identity import weights_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.judges.base import Judge
 from piggy_lightning.evaluation.metrics import format_summary
@@ -98,6 +106,8 @@ class Evaluate(Callback):
             misalignment triggers). In a ``PiggyCLI`` config they are the top-level ``extra_question_sets:``,
             linked here, so that a preset appends them with ``extra_question_sets+:`` without restating the
             experiment's question sets. None means none.
+        backend: Where responses are generated; None is ``HFBackend`` (the policy in this process, the only
+            backend for interventions that hook its forward).
         output_dir: Directory for the evaluation files; None uses ``<trainer.log_dir>/<name>``.
         judge_cache: SQLite file of the judge cache; None uses ``<output_dir>/judge_cache.sqlite``.
         name: Prefix of logged metric keys and default subdirectory; distinct instances need distinct names.
@@ -115,6 +125,7 @@ class Evaluate(Callback):
         at: list[Moment] | None = None,
         interventions: list[Intervention] | None = None,
         extra_question_sets: list[QuestionSet] | None = None,
+        backend: GenerationBackend | None = None,
         output_dir: str | None = None,
         judge_cache: str | None = None,
         name: str = "eval",
@@ -139,6 +150,7 @@ class Evaluate(Callback):
             )
         self.question_sets = list(question_sets) + list(extra_question_sets or [])
         self.judges = list(judges)
+        self.backend = backend or HFBackend()
         self.decoding = decoding or Decoding()
         self.every_n_epochs = every_n_epochs
         self.at = set(at if at is not None else ["fit_end", "test"])
@@ -202,7 +214,10 @@ class Evaluate(Callback):
     def check_interventions(self, pl_module: L.LightningModule) -> None:
         """Bind every intervention to the module now (a bad layer or a module without a reference fails here, not
         after training) and refuse two runs with one name (their files and metric keys would mix)."""
-        names = [run.name for i in self.interventions for run in i.runs(pl_module)]
+        runs = [run for i in self.interventions for run in i.runs(pl_module)]
+        for run in runs:
+            self.backend.check(run)  # a splice a server cannot apply fails now, not as an unpatched result later
+        names = [run.name for run in runs]
         repeated = sorted({n for n in names if names.count(n) > 1 or n in ("baseline", "none")})
         if repeated:
             raise ValueError(f"{type(self).__name__}: intervention runs need distinct names; repeated: {repeated}")
@@ -279,7 +294,7 @@ class Evaluate(Callback):
         intervention: GenerationIntervention | None = None,
         decoding: Decoding | None = None,
     ) -> EvaluationReport | None:
-        """Run one evaluation now on global rank 0 and log it; other ranks wait and get None.
+        """Run one evaluation now, sharded over the trainer's ranks, and log it on rank 0; other ranks get None.
 
         Args:
             trainer: The trainer.
@@ -293,26 +308,28 @@ class Evaluate(Callback):
             return None
         suffix = f"@{intervention.name}" if intervention is not None and intervention.name != "none" else ""
         report, error = None, None
-        if trainer.is_global_zero:
-            adapter = self.adapter_id(trainer, pl_module)
-            try:
-                report = self.evaluation.run(
-                    pl_module.policy,
-                    pl_module.tokenizer,
-                    pl_module.spans,
-                    self.out_dir / f"{tag}{suffix}",
-                    model_id=pl_module.model_name_or_path,
-                    adapter_id=adapter,
-                    intervention=intervention,
-                    decoding=decoding,
-                )
+        shard = shard_of(trainer)
+        try:
+            report = self.evaluation.run(
+                pl_module.policy,
+                pl_module.tokenizer,
+                pl_module.spans,
+                self.out_dir / f"{tag}{suffix}",
+                model_id=pl_module.model_name_or_path,
+                adapter_id=self.adapter_id(trainer, pl_module),
+                intervention=intervention,
+                decoding=decoding,
+                backend=self.backend,
+                shard=shard,
+            )
+            if report is not None:  # rank 0
                 self._log(trainer, pl_module, report, suffix)
                 self._rephrased(trainer, pl_module, report, suffix)
-            except Exception as e:  # re-raised on every rank below, so no rank waits forever at the barrier
-                error = e
-            else:
-                if not suffix:
-                    self.last_report = report
+        except Exception as e:  # re-raised on every rank below, so no rank waits forever at the barrier
+            error = e
+        else:
+            if not suffix and report is not None:
+                self.last_report = report
         if not suffix:
             self._last_step = trainer.global_step
         self._sync(trainer, error)
@@ -361,8 +378,11 @@ class Evaluate(Callback):
 
     def adapter_id(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """``step=<n>|w=<digest>``: the digest of the trainable weights names what is evaluated, so results of
-        other weights (another checkpoint, another run's data) are never reused; the step is a label."""
-        return f"step={self.step(trainer)}|w={weights_digest(pl_module.policy)}"
+        other weights (another checkpoint, another run's data) are never reused; the step is a label.
+
+        Every rank digests what it holds: replicas (DDP) must agree, or the ranks would evaluate different models
+        under one name; shards (FSDP) are digested together."""
+        return f"step={self.step(trainer)}|w={ranks_weights_digest(shard_of(trainer), pl_module.policy)}"
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._loaded_step = checkpoint.get("global_step")

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from piggy_lightning.callbacks.evaluation import Evaluate
 from piggy_lightning.callbacks.reporting import log_scalars
+from piggy_lightning.evaluation.backends import GenerationBackend
 from piggy_lightning.evaluation.generation import Decoding
 from piggy_lightning.evaluation.judges.base import Judge
 from piggy_lightning.evaluation.questions import QuestionSet
@@ -84,6 +85,7 @@ class UtilityEvaluate(Callback):
             ``helpful`` judgements).
         decoding: Generation settings; None means greedy decoding, 512 new tokens, batches of 16.
         at: When to evaluate and compare with ``train_start``: ``fit_end``, ``test``; None means ``[fit_end]``.
+        backend: Where responses are generated; None is the in-process ``HFBackend``.
         name: Prefix of logged keys and the files' directory under the run's log directory; the default puts them
             beside the experiment's evaluation, where the grid report reads every ``summary.json``.
         output_dir: Directory for the evaluation files; None uses ``<trainer.log_dir>/<name>``.
@@ -98,6 +100,7 @@ class UtilityEvaluate(Callback):
         metric: str = "helpfulness",
         decoding: Decoding | None = None,
         at: list[Moment] | None = None,
+        backend: GenerationBackend | None = None,
         name: str = "eval/utility",
         output_dir: str | None = None,
         judge_cache: str | None = None,
@@ -110,7 +113,7 @@ class UtilityEvaluate(Callback):
         self.metric = metric
         self.name = name
         self.evaluate = Evaluate(
-            question_sets, judges, decoding, at=[BASE_TAG, *self.at], output_dir=output_dir,
+            question_sets, judges, decoding, at=[BASE_TAG, *self.at], backend=backend, output_dir=output_dir,
             judge_cache=judge_cache, name=name, samples_logged=samples_logged,
         )  # fmt: skip
 

@@ -51,10 +51,18 @@ class PromptBatch:
 class GenerationIntervention:
     """Changes how evaluation responses are generated; this base class changes nothing.
 
-    Subclasses override any of the three hooks and set :attr:`name`, which tags every result record.
+    Subclasses override any of the three hooks and set :attr:`name`, which tags every result record. One that
+    overrides :meth:`prefix_cache` or :meth:`during` sets :attr:`needs_model_hooks`: only a backend that runs the
+    policy in this process applies those (``backends/base.py`` refuses the others, and a hook override without
+    the declaration).
+
+    Attributes:
+        name: Tags every result record and names the evaluation's directory.
+        needs_model_hooks: The intervention acts on the model's forward, not only on the prompt's tokens.
     """
 
     name: str = "none"
+    needs_model_hooks: bool = False
 
     def touched(self, prompt: TokenizedChat) -> int | None:
         """How many positions of ``prompt`` the intervention changes, recorded per response; None when it changes

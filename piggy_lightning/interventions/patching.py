@@ -49,6 +49,7 @@ class _ReadsReference(Intervention, GenerationIntervention):
     """An intervention that reads the frozen reference model, bound to it by :meth:`bind`."""
 
     needs_reference = True
+    needs_model_hooks = True  # it replaces keys, values or residuals inside the forward
 
     def __init__(self, site: PatchSite, at: list[PatchMoment] | None) -> None:
         super().__init__(at)

@@ -2,7 +2,8 @@
 
 Entries are keyed by the judge's :attr:`~piggy_lightning.evaluation.judges.base.Judge.identity`, the metric, the
 exact prompt template and the (question, answer) pair, hashed with SHA-256. Failed judgements are never cached, so
-a rerun retries them. Storage is one SQLite file (stdlib ``sqlite3``), safe to share between runs.
+a rerun retries them. Storage is one SQLite file (stdlib ``sqlite3``), safe to share between runs and between the
+ranks of a sharded evaluation (on a local or other lock-respecting file system).
 
 Judgements are committed as the judge returns them (``Judge.iter_judgements``: one at a time for the HTTP judge,
 per batch for the local judge), so a run killed while judging re-asks only the requests that had not been answered.
@@ -35,7 +36,9 @@ class JudgeCache:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path)
+            # the ranks of a sharded evaluation share one file: a writer waits for another's commit (SQLite locks
+            # the file), up to a minute, instead of failing at once with "database is locked"
+            self._db = sqlite3.connect(self.path, timeout=60)
             # A commit per judgement: NORMAL skips the extra fsyncs of FULL; a committed row still survives a killed
             # process (only an OS crash or power loss can lose the last commits).
             self._db.execute("PRAGMA synchronous=NORMAL")
