@@ -95,3 +95,40 @@ def test_a_torn_last_line_is_cut_on_reopening(tmp_path):
     log.append({"key": "b", "response": "y"})
     log.append({"key": "b", "response": "duplicate ignored"})
     assert [r["key"] for r in _lines(path)] == ["a", "b"]
+
+
+def test_the_rank_logs_of_an_interrupted_sharded_run_resume_in_one_process(tiny, tmp_path):
+    """Two ranks that each finished part of their share left ``responses.rank<r>.jsonl``; one process resumes from
+    both, generates only what neither holds, and folds the rank logs into ``responses.jsonl``."""
+    model, tokenizer = tiny
+    sets = [PromptList(str(FIXTURES / "prompts.json"), group="off_topic", metrics=["aligned"])]
+    decoding = Decoding(max_new_tokens=6, batch_size=1, progress=False)
+
+    def run(out):
+        evaluation = Evaluation(sets, [_LengthJudge()], decoding)
+        return evaluation.run(model, tokenizer, ChatSpans(tokenizer), out, model_id="tiny", adapter_id="step=7")
+
+    clean = run(tmp_path / "clean")
+    lines = _lines(tmp_path / "clean" / "responses.jsonl")
+    assert len(lines) == 4
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for rank, kept in ((0, lines[:1]), (1, lines[1:3])):  # rank 0 finished one unit, rank 1 two; one is missing
+        (cut / f"responses.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    generated = []
+    extend = ResponseLog.extend
+
+    def spy(self, records):
+        generated.extend(r["key"] for r in records)
+        extend(self, records)
+
+    ResponseLog.extend = spy
+    try:
+        resumed = run(cut)
+    finally:
+        ResponseLog.extend = extend
+    assert generated == [lines[3]["key"]]  # only the unit no rank had finished
+    assert resumed.records == clean.records
+    assert resumed.summary["generation"] == {"backend": "HFBackend", "generated_by_rank": [1]}
+    assert not list(cut.glob("responses.rank*.jsonl"))
+    assert {r["key"] for r in _lines(cut / "responses.jsonl")} == {r["key"] for r in lines}

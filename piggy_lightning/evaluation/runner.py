@@ -107,6 +107,8 @@ def _merge_logs(out: Path) -> None:
     (older ones first, then each rank's), written first, then the rank files removed (a crash in between leaves
     duplicate keys, which reading skips, never a loss)."""
     ranks = sorted(out.glob("responses.rank*.jsonl"), key=lambda p: int(p.name.split(".")[1][4:]))
+    if not ranks:
+        return
     merged: dict[str, dict[str, Any]] = {}
     for path in [out / "responses.jsonl", *ranks]:
         if path.exists():
@@ -268,7 +270,7 @@ class Evaluation:
         if shard.world > 1:
             results = self._in_plan_order([r for rank_results, *_ in gathered for r in rank_results])
             used = {k: v for _, rank_used, *_ in gathered for k, v in rank_used.items()}
-            _merge_logs(out)
+        _merge_logs(out)  # also the rank logs of an earlier, interrupted sharded run that this one finished
         counts = [s for _, _, s, _, _ in gathered if s is not None]
         hits_misses = {"hits": sum(h for h, _ in counts), "misses": sum(m for _, m in counts)} if counts else None
         work = {"backend": (backend or HFBackend()).name, "generated_by_rank": [g for _, _, _, g, _ in gathered]}
