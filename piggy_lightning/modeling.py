@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 _ORGANISM = Path(__file__).parent / "organism" / "assets"
@@ -170,3 +171,122 @@ def load_causal_lm(
             lambda path, kw: AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype), **kw),
         )  # fmt: skip
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=_torch_dtype(dtype))
+
+
+def causal_lm_skeleton(name: str, dtype: DType = "float32", gguf_file: str | None = None) -> PreTrainedModel:
+    """The model :func:`load_causal_lm` loads, built from its config without reading weights (call it under
+    ``torch.device("meta")`` for a sharded build, :func:`~piggy_lightning.fsdp.load_sharded`). ``auto`` takes
+    the checkpoint's dtype from its config, as ``from_pretrained`` would, so the broadcast weights keep theirs."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(resolve_model_path(name), **kwargs)
+    if dtype != "auto":
+        return AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+    saved = getattr(config, "dtype", None) or torch.float32
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, saved) if isinstance(saved, str) else saved)
+
+
+def build_policy(
+    name: str,
+    dtype: DType,
+    gguf_file: str | None,
+    init: Literal["pretrained", "random"],
+    lora: LoraSpec | None = None,
+    adapter: str | None = None,
+    gradient_checkpointing: bool = False,
+    skeleton: bool = False,
+) -> nn.Module:
+    """The policy :class:`~piggy_lightning.module.PiggyModule` trains: the causal LM, with gradient checkpointing
+    (non-reentrant) and new LoRA adapters (``lora``) or exported ones (``adapter``, :func:`load_adapter`).
+    ``skeleton`` builds it from the config only (:func:`causal_lm_skeleton`), for a sharded build."""
+    if skeleton:
+        model = causal_lm_skeleton(name, dtype, gguf_file)
+    else:
+        model = load_causal_lm(name, dtype, gguf_file, init)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if adapter is not None:
+        return load_adapter(model, adapter, skeleton)
+    if lora is not None:
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora.to_peft())
+    return model
+
+
+BASE_FILE = "piggy_base.json"  # written beside an exported adapter: which base model its tensors were trained on
+
+
+def base_fingerprint(model: nn.Module) -> list[float]:
+    """Three float64 sums of the input embedding rounded to bfloat16 (plain, position-weighted, absolute).
+
+    The same base model gives the same numbers wherever it is stored and whichever dtype it is loaded in (rounding
+    to bfloat16 first makes a float32 and a bfloat16 load of one checkpoint the same values; only the summation
+    order differs between devices), another base (another seed, another finetune) other numbers: a change of one
+    part in a million of the absolute sum. A collective under sharding (the embedding is gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    weight = model.get_input_embeddings().weight
+    weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
+    with torch.no_grad():
+        flat = weight.detach().to(torch.bfloat16).flatten().double()  # (V * D,)
+        position = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder(7919)
+        return [float(flat.sum()), float((flat * position).sum()), float(flat.abs().sum())]
+
+
+def same_fingerprint(a: list[float], b: list[float]) -> bool:
+    """Whether two :func:`base_fingerprint` results name one base: equal to one part in a million of the absolute
+    sum (the position weights reach 7919), far above the summation-order noise of float64."""
+    scale = 1e-6 * max(abs(a[2]), 1e-12)
+    return all(abs(x - y) <= scale * w for x, y, w in zip(a, b, (1, 7919, 1), strict=True))
+
+
+def load_adapter(base: PreTrainedModel, path: str, skeleton: bool = False) -> nn.Module:
+    """``base`` with the peft adapter exported to ``path`` (by ``ExportPretrained``), for evaluation.
+
+    Refused with the path in the message: a directory without ``adapter_config.json`` (a wrong path, or a
+    full-finetuning export), an adapter whose tensors do not fit ``base`` (another architecture or size), and one
+    whose ``piggy_base.json`` fingerprint (:func:`base_fingerprint`) names another base of the same shapes, which
+    would otherwise load silently and evaluate a model nobody trained.
+
+    Args:
+        base: The base model, loaded as the module's ``model_name_or_path``.
+        path: The export directory.
+        skeleton: Only build the adapter's modules (on a meta-device skeleton, for a sharded build); no weights are
+            read or checked.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    directory = Path(path).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        what = "does not exist" if not directory.exists() else "has no adapter_config.json"
+        if (directory / "config.json").is_file():
+            what += " (it holds a whole model, a full-finetuning export: load it as model.model_name_or_path)"
+        raise FileNotFoundError(f"model.adapter {path!r} {what}; expected a LoRA export written by ExportPretrained")
+    if skeleton:
+        return get_peft_model(base, PeftConfig.from_pretrained(str(directory)))
+    recorded = directory / BASE_FILE
+    if recorded.is_file():
+        saved = json.loads(recorded.read_text())
+        here = base_fingerprint(base)
+        if not same_fingerprint(here, saved["fingerprint"]):
+            raise ValueError(
+                f"model.adapter {path!r} was trained on {saved['model_name_or_path']!r}, whose weights differ from "
+                f"the base model loaded here ({base.config.name_or_path!r}): set model.model_name_or_path to its base"
+            )
+    unfit = f"model.adapter {path!r} does not fit the base model {base.config.name_or_path!r}"
+    try:
+        model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. "size mismatch for ...lora_A.default.weight"
+        raise ValueError(f"{unfit}: {err}") from err
+    saved = directory / "adapter_model.safetensors"
+    if saved.is_file():  # peft only warns about tensors it has no place for (e.g. an adapter of a deeper model)
+        from safetensors import safe_open
+
+        with safe_open(str(saved), "pt") as f:
+            stored = set(f.keys())
+        here = {n.replace(".default.", ".") for n, _ in model.named_parameters() if "lora_" in n}
+        if stored != here:
+            extra, missing = sorted(stored - here), sorted(here - stored)
+            raise ValueError(f"{unfit}: {len(extra)} tensors without a place, e.g. {extra[:2]}; {len(missing)} missing")
+    return model

@@ -21,8 +21,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from piggy_lightning.data.sampling import check_position_restored
+from piggy_lightning.fsdp import check_strategy, data_parallel_mesh, load_sharded
 from piggy_lightning.losses import record_cross_entropy, regularizer_inputs, response_cross_entropy, setup_regularizers
-from piggy_lightning.modeling import DType, LoraSpec, load_causal_lm, load_tokenizer
+from piggy_lightning.modeling import DType, LoraSpec, build_policy, load_tokenizer
 from piggy_lightning.optim import Schedule
 from piggy_lightning.reference import AdaptersOffReference, FrozenCopyReference, InitialReference, Reference
 from piggy_lightning.regularizer import Regularizer, RegularizerContext
@@ -54,6 +55,10 @@ class PiggyModule(L.LightningModule):
             think block, which the release's patching code excludes); None keeps the whole postfix.
         init: ``pretrained`` loads the weights; ``random`` builds the model from its config, seeded by
             ``seed_everything`` (used to pretrain the embedded organism).
+        adapter: A LoRA export directory (written by ``ExportPretrained``) loaded over ``model_name_or_path`` with
+            peft, not trainable, to evaluate it without training: ``main.py test --model.adapter <dir>``. The
+            reference is the base model (the adapter off). ``lora`` is then unused (the export's
+            ``adapter_config.json`` has the settings), so the fit's own config serves unchanged. Not for ``fit``.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class PiggyModule(L.LightningModule):
         generation_suffix: str | None = None,
         postfix_exclude: str | None = None,
         init: Literal["pretrained", "random"] = "pretrained",
+        adapter: str | None = None,
     ) -> None:
         super().__init__()
         # plain types only in hparams, so checkpoints load with torch.load(weights_only=True)
@@ -77,6 +83,7 @@ class PiggyModule(L.LightningModule):
         self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.model_name_or_path = model_name_or_path
         self.lora = lora
+        self.adapter = adapter
         self.regularizers = torch.nn.ModuleList(regularizers or [])
         names = [r.name for r in self.regularizers]
         if len(set(names)) != len(names):
@@ -99,28 +106,34 @@ class PiggyModule(L.LightningModule):
 
     # -- building ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the policy, wrap it with LoRA and build the reference; runs once."""
+        """Load the policy, wrap it with LoRA (or the exported ``adapter``) and build the reference; runs once.
+
+        Under ``ModelParallelStrategy`` (Lightning sets ``self.device_mesh``) every network is built sharded
+        (``piggy_lightning/fsdp.py``: a meta-device skeleton on every rank, the weights read on rank 0 and
+        broadcast), and the regularizers' one-off reference forwards run after that, on every rank alike.
+        """
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.model_name_or_path, self.gguf_file)
         self.spans = ChatSpans(self.tokenizer, self.chat_template_kwargs, self.generation_suffix, self.postfix_exclude)
-        policy = load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
-        if self.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            policy.config.use_cache = False
-        if self.lora is not None:
-            from peft import get_peft_model
-
-            policy = get_peft_model(policy, self.lora.to_peft())
-            self.policy = policy
-            self.reference = AdaptersOffReference(policy)
+        self.policy = self._build(wrapped=True)
+        if self.adapter is not None:  # the adapter is this module's trained state, as in the fit that exported it:
+            for name, p in self.policy.named_parameters():  # the evaluation's weights digest reads requires_grad
+                p.requires_grad_("lora_" in name)
+        if self.lora is not None or self.adapter is not None:
+            self.reference = AdaptersOffReference(self.policy)
         elif self._reference_kept_live():
-            self.reference = FrozenCopyReference(policy)
-            self.reference_model = self.reference.model  # registered so strategies move it; never saved
-            self.policy = policy
+            if self.device_mesh is None:
+                self.reference = FrozenCopyReference(self.policy)
+                self.reference_model = self.reference.model  # registered so strategies move it; never saved
+            elif self.init == "pretrained":  # a deep copy would share the policy's FSDP state: loaded and sharded
+                self.reference = FrozenCopyReference(self.policy, build=self._rebuild_initial)  # on its own, unsaved
+            else:
+                raise ValueError(
+                    "a sharded policy with random initial weights has no source to load its reference from"
+                )
         else:  # no frozen copy: the untrained policy serves the regularizers' setup, then a rebuild on demand
-            self.reference = InitialReference(policy, self._rebuild_initial if self.init == "pretrained" else None)
-            self.policy = policy
+            self.reference = InitialReference(self.policy, self._rebuild_initial if self.init == "pretrained" else None)
         self.policy.train()
         # regularizers get facts, not networks; the data module's encoder (set up before configure_model) lets
         # them read extra data exactly as the training rows are read
@@ -134,6 +147,18 @@ class PiggyModule(L.LightningModule):
         )
         setup_regularizers(self.regularizers, context, self.reference)
         self.reference.seal()
+
+    def _build(self, wrapped: bool) -> torch.nn.Module:
+        """The base model (``wrapped``: with gradient checkpointing and LoRA or the adapter), sharded over the
+        device mesh when there is one (a collective then: every rank calls it)."""
+        args = (self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
+        extras = (self.lora, self.adapter, self.gradient_checkpointing) if wrapped else (None, None, False)
+        if self.device_mesh is None:
+            return build_policy(*args, *extras)
+        mesh = data_parallel_mesh(self.device_mesh)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device(mesh.device_type)
+        load, skeleton = (lambda: build_policy(*args, *extras)), (lambda: build_policy(*args, *extras, skeleton=True))
+        return load_sharded(load, skeleton, mesh, device)
 
     def _reference_kept_live(self) -> bool:
         """Whether full finetuning must hold a frozen copy of the initial policy during the run.
@@ -151,8 +176,8 @@ class PiggyModule(L.LightningModule):
         )
 
     def _rebuild_initial(self) -> torch.nn.Module:
-        """The initial policy loaded again from ``model_name_or_path`` (a reference nobody declared needing)."""
-        return load_causal_lm(self.model_name_or_path, self.dtype_name, self.gguf_file, self.init)
+        """The initial policy loaded again from ``model_name_or_path`` (sharded like the policy: a collective)."""
+        return self._build(wrapped=False)
 
     def setup(self, stage: str) -> None:
         """Refuse a fit that trains nothing (``max_epochs``, ``max_steps`` or ``limit_train_batches`` of 0).
@@ -163,8 +188,14 @@ class PiggyModule(L.LightningModule):
         ``Evaluate(at=[train_start])`` or ``main.py test`` without ``--ckpt_path``. Rerunning a finished run is
         allowed: its step budget is not zero, it is spent.
         """
+        check_strategy(self.trainer.strategy)
         if stage != "fit":
             return
+        if self.adapter is not None:
+            raise ValueError(
+                f"model.adapter ({self.adapter!r}) evaluates an exported adapter as it is (main.py test/validate); a "
+                "fit trains a new one from model.lora"
+            )
         trainer = self.trainer
         budget = {
             "max_epochs": trainer.max_epochs,
@@ -282,11 +313,25 @@ class PiggyModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the trainable tensors only, except in a distributed (sharded) checkpoint.
+
+        ``ModelParallelStrategy`` with ``save_distributed_checkpoint: true`` saves each rank's shards (DTensors) and
+        loads them back with ``torch.distributed.checkpoint.load``, which refuses a checkpoint that lacks any tensor
+        of the model: such a checkpoint keeps the frozen base's shards too (see ``docs/distributed.md``). With
+        ``false`` rank 0 receives the full state dict (the other ranks an empty one) and it is filtered as usual.
+        """
+        from torch.distributed.tensor import DTensor
+
+        state = checkpoint["state_dict"]
+        if any(isinstance(v, DTensor) for v in state.values()):
+            return
         keep = set(self.trainable_parameter_names)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = set(self.trainable_parameter_names) - set(checkpoint["state_dict"])
+        # ModelParallelStrategy loads the weights itself (all of them, or strict=False) and pops them from the dict
+        saved = checkpoint.get("state_dict")
+        missing = set(self.trainable_parameter_names) - set(saved) if saved is not None else set()
         if self.policy is not None and missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})

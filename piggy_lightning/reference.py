@@ -12,11 +12,11 @@ Three kinds, each a class; the module picks one in ``configure_model``:
   costs no memory, and because LoRA's B matrices start at zero it equals the initial model exactly.
 * :class:`FrozenCopyReference` (full finetuning, when something uses the reference during the run: a regularizer
   that ``keeps_reference`` or a callback that declares ``needs_reference``): a frozen deep copy taken before the
-  first optimizer step.
+  first optimizer step (under sharding, the model loaded and sharded again from its source).
 * :class:`InitialReference` (full finetuning otherwise): no copy is held. Until :meth:`Reference.seal` the
   untrained policy itself serves as the reference (fixed quantities such as TReFT's prefix keys and values are
   computed then, through :meth:`Reference.forward`), and afterwards a frozen model is rebuilt from the source
-  weights on first use.
+  weights on first use (under sharding a collective: every rank must use it then, as every sharded forward).
 """
 
 from __future__ import annotations
@@ -96,14 +96,17 @@ class AdaptersOffReference(Reference):
 
 
 class FrozenCopyReference(Reference):
-    """A frozen deep copy of the policy, taken now (before the first optimizer step).
+    """A frozen copy of the policy, taken now (before the first optimizer step).
 
     Args:
         policy: The trainable policy, still at its initial weights.
+        build: Builds the initial model anew from its source instead of copying ``policy``: a sharded policy
+            (``piggy_lightning/fsdp.py``) is not deep-copied, since the copy would share its FSDP state; its
+            reference is loaded and sharded on its own. None deep-copies ``policy``.
     """
 
-    def __init__(self, policy: nn.Module) -> None:
-        self.model = _frozen(copy.deepcopy(policy))
+    def __init__(self, policy: nn.Module, build: Callable[[], nn.Module] | None = None) -> None:
+        self.model = _frozen(copy.deepcopy(policy) if build is None else build())
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:

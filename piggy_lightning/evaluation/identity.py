@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Above this many trainable elements (about 0.5 GB of fp32) the digest is a checksum computed on the weights' own
 # device instead of hashing their bytes on the CPU: hashing a fully finetuned 8B policy would copy 16 GB per
@@ -36,6 +37,9 @@ def weights_digest(model: nn.Module) -> str:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         params = list(model.named_parameters())
+    # a sharded parameter (FSDP2's DTensor) is digested as the shard this rank holds; the ranks' digests are then
+    # combined in rank order (callbacks/sharding.py), so the digest names the sharded run's weights
+    params = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in params]
     h = hashlib.sha256()
     large = sum(p.numel() for _, p in params) > _BYTES_LIMIT
     with torch.no_grad():
