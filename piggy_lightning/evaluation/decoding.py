@@ -1,9 +1,12 @@
-"""What one evaluation generates: the decoding settings and the planned work items every backend receives."""
+"""What one evaluation generates: the decoding settings, the planned work items every backend receives, and the
+seeds and stop tokens every backend derives alike."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
+from torch import nn
 from transformers import GenerationConfig
 
 from piggy_lightning.evaluation.questions import Question
@@ -86,3 +89,16 @@ class WorkItem:
     prompt: TokenizedChat
     n_prefix: int
     touched: int | None
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on ``parts`` (not on the process or Python's hash seed)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's eos and the model's configured ones."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)

@@ -15,15 +15,15 @@ of processes resumes too. The runner gathers the records and merges the logs (``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from piggy_lightning.evaluation.backends.base import Completion, GenerationBackend, GenerationContext
-from piggy_lightning.evaluation.backends.hf import HFBackend, stable_seed
-from piggy_lightning.evaluation.decoding import Decoding, WorkItem
+from piggy_lightning.evaluation.backends.hf import HFBackend
+from piggy_lightning.evaluation.decoding import Decoding, WorkItem, stable_seed
 from piggy_lightning.evaluation.identity import prompt_digest
 from piggy_lightning.evaluation.intervention import GenerationIntervention
 from piggy_lightning.evaluation.questions import Question
@@ -154,6 +154,8 @@ def generate_planned(
     intervention = intervention or GenerationIntervention()
     backend = backend or HFBackend()
     shard = shard or Shard()
+    if shard.lockstep and not backend.serves_model_hooks:  # the policy's shards take no part: no repeats needed
+        shard = replace(shard, lockstep=False)
     pending = [unit for unit in plan.units if not all(w.key in done for w in unit)]
     _, model_id, adapter_id = plan.identity
     context = GenerationContext(

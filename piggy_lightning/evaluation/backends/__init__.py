@@ -7,5 +7,16 @@ from piggy_lightning.evaluation.backends.base import (
     GenerationContext,
 )
 from piggy_lightning.evaluation.backends.hf import HFBackend
+from piggy_lightning.evaluation.backends.server import CompletionsServer, RuntimeLoRA
+from piggy_lightning.evaluation.backends.vllm import VLLMBackend  # imports vllm only when a session starts
 
-__all__ = ["BackendMismatch", "Completion", "GenerationBackend", "GenerationContext", "HFBackend"]
+__all__ = [
+    "BackendMismatch",
+    "Completion",
+    "CompletionsServer",
+    "GenerationBackend",
+    "GenerationContext",
+    "HFBackend",
+    "RuntimeLoRA",
+    "VLLMBackend",
+]

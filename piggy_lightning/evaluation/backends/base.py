@@ -120,6 +120,10 @@ class GenerationBackend(ABC):
     def session(self, context: GenerationContext) -> AbstractContextManager[Complete]:
         """A context that yields a function generating one unit's completions (one per item, in order)."""
 
+    def close(self) -> None:  # noqa: B027 - only backends that hold something release it
+        """Release what the backend holds (a server it started, an engine); nothing by default. ``Evaluate`` calls
+        it at teardown."""
+
     @property
     def name(self) -> str:
         """Recorded in every record's ``backend`` field. It does not enter record keys: the same prompt, weights

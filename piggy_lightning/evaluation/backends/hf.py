@@ -20,34 +20,19 @@ as they would be without it.
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers import DynamicCache
 
 from piggy_lightning.evaluation.backends.base import Complete, Completion, GenerationBackend, GenerationContext
-from piggy_lightning.evaluation.decoding import Decoding, WorkItem
+from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids, stable_seed
 from piggy_lightning.evaluation.intervention import KVCache, PromptBatch
 from piggy_lightning.forward import eval_mode
 
 _MASK_SPANS = ("prefix", "query", "postfix", "other")
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed that depends only on ``parts`` (not on the process or Python's hash seed)."""
-    return zlib.crc32("|".join(map(str, parts)).encode())
-
-
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """Every token that ends a response: the tokenizer's eos and the model's configured ones."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 def _prefix(w: WorkItem) -> tuple[int, ...]:
