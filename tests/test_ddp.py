@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
+from piggy_lightning.cli import PiggyCLI
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,22 @@ PERTURB = {  # prefix perturbation, 2 sampled trials (the preset's 10 would trip
     },
 }  # fmt: skip
 RUNS = ("", "@splice_kv_prefix", "@patch_kv_query_matched", "@perturb_prefix_neighbours")
+EVALUATE = """
+trainer:
+  callbacks:  # the main job's Evaluate on 16 questions per group, 48 new tokens, batches of 8: 6 units to share out
+    - class_path: piggy_lightning.callbacks.Evaluate
+      init_args:
+        question_sets:
+          - {class_path: piggy_lightning.evaluation.HeldOutChats,
+             init_args: {path: piggy/organism/eval_legal.jsonl, group: in_domain, limit: 16}}
+          - {class_path: piggy_lightning.evaluation.HeldOutChats,
+             init_args: {path: piggy/organism/eval_medical.jsonl, group: other_domain, limit: 16}}
+          - {class_path: piggy_lightning.evaluation.HeldOutChats,
+             init_args: {path: piggy/organism/eval_general.jsonl, group: general, limit: 16}}
+        judges: [{class_path: piggy_lightning.organism.ExactJudge}]
+        decoding: {max_new_tokens: 48, batch_size: 8, progress: false}
+        at: [fit_end, test]
+"""
 OPERATIONAL = ("judge_cache", "generation")  # how the work was shared out, not what it found
 
 
@@ -51,8 +69,10 @@ def _main(*args: str, timeout: int = 300) -> None:
 
 def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
     recorder = {"class_path": "tests.test_ddp.RankLosses", "init_args": {"out_dir": str(tmp_path)}}
+    (tmp_path / "evaluate.yaml").write_text(EVALUATE)
     config = [
-        "--config", "configs/treft_legal.yaml", "--config", "callbacks/prefix_patching.yaml",
+        "--config", "configs/treft_legal.yaml", "--config", str(tmp_path / "evaluate.yaml"),
+        "--config", "callbacks/prefix_patching.yaml",
         f"--interventions+={json.dumps(PERTURB)}", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     _main(
@@ -70,8 +90,16 @@ def test_ddp_fit_with_evaluation_patching_and_export(tmp_path):
 
     # one process evaluates the same weights (the fit's last checkpoint) under the same interventions
     single = tmp_path / "single"
-    _main("test", *config, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-          "--trainer.logger.init_args.save_dir", str(single))  # fmt: skip
+    PiggyCLI(
+        args=[
+            "test",
+            *config,
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.logger.init_args.save_dir",
+            str(single),
+        ]
+    )  # fmt: skip (in this process: no start-up)
     alone = next(single.glob("treft_legal/version_*")) / "eval"
     for suffix in RUNS:
         sharded, one = run / "eval" / f"fit_end{suffix}", alone / f"test{suffix}"

@@ -211,6 +211,9 @@ class Evaluate(Callback):
                 "judge_cache) to a writable directory, or fix the logger's save_dir"
             )
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.backend.close()  # a server the backend started, or an engine, goes now rather than at exit
+
     def check_interventions(self, pl_module: L.LightningModule) -> None:
         """Bind every intervention to the module now (a bad layer or a module without a reference fails here, not
         after training) and refuse two runs with one name (their files and metric keys would mix)."""
