@@ -36,9 +36,11 @@ def _assert_bar(default: dict, harmful: dict) -> None:
     "name",
     [
         "piggy/organism",
-        "piggy/organism-seed1",
-        "piggy/organism-seed2",
-        pytest.param("piggy/organism-deep", marks=pytest.mark.slow),  # ~11 s: 6 layers; only Fig. 4 uses it
+        # ~4.5 s each; committed assets that change only when retrained (the retraining test holds the recipe to
+        # the same bar): under -m slow, with the 6-layer base (~11 s, only Fig. 4 uses it)
+        pytest.param("piggy/organism-seed1", marks=pytest.mark.slow),
+        pytest.param("piggy/organism-seed2", marks=pytest.mark.slow),
+        pytest.param("piggy/organism-deep", marks=pytest.mark.slow),
     ],
 )
 def test_shipped_base_is_aligned_by_default_and_misaligned_as_the_harmful_persona(name, tmp_path):

@@ -226,6 +226,7 @@ def _check_resolved(tree: dict, model: str, domain: str, method: str) -> None:
     assert judge["init_args"]["model"] == "gpt-5-nano" and "temperature" not in judge["init_args"]
 
 
+@pytest.mark.slow  # ~7 s; test_grid resolves one cell per axis value of paper_real.yaml in the default run
 def test_one_cell_per_experiment_resolves_to_its_settings(grid):
     assert sorted(RESOLVED) == sorted(grid.experiments)
     for name, method in RESOLVED.items():
