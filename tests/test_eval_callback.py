@@ -166,3 +166,36 @@ def test_evaluation_files_follow_each_trainer(tiny_qwen, chat_file, tmp_path):
         trainer.test(module, data, verbose=False)
         assert callback.out_dir == tmp_path / name / "version_0" / "eval"
         assert (callback.out_dir / "test" / "summary.json").exists()
+
+
+def test_the_backend_is_chosen_by_class_path_and_defaults_to_hf(tmp_path, chat_file, monkeypatch):
+    """One config block chooses where responses are generated; without it the in-process HF backend is used."""
+    from piggy_lightning.evaluation.backends import CompletionsServer, HFBackend, RuntimeLoRA
+
+    config = tmp_path / "eval.yaml"
+    block = f"""
+trainer:
+  logger: false
+  callbacks:
+    - class_path: piggy_lightning.callbacks.Evaluate
+      init_args:
+        question_sets:
+          - class_path: piggy_lightning.evaluation.HeldOutChats
+            init_args: {{path: {FIXTURES / "held_out.jsonl"}, group: in_domain, limit: 2}}
+        judges: [{{class_path: piggy_lightning.organism.ExactJudge}}]
+"""
+    server = """        backend:
+          class_path: piggy_lightning.evaluation.backends.CompletionsServer
+          init_args: {base_url: "http://10.0.0.7:8000/v1", model: served-name, lora: {}, concurrency: 4}
+"""
+    monkeypatch.setattr(PiggyModule, "configure_model", lambda self: None)
+    args = ["--config", str(config), "--data", "piggy_lightning.data.ChatSFTDataModule", "--data.train_data", chat_file]
+    backends = []
+    for text in (block, block + server):
+        config.write_text(text)
+        (callback,) = [c for c in PiggyCLI(args=args, run=False).trainer.callbacks if isinstance(c, Evaluate)]
+        backends.append(callback.backend)
+    assert type(backends[0]) is HFBackend
+    remote = backends[1]
+    assert isinstance(remote, CompletionsServer) and remote.base_url == "http://10.0.0.7:8000/v1"
+    assert remote.model == "served-name" and remote.concurrency == 4 and isinstance(remote.lora, RuntimeLoRA)
