@@ -43,6 +43,15 @@ if "OMP_WAIT_POLICY" not in os.environ:
     if _busy is not None and (_policy := wait_policy(_busy)) is not None:
         os.environ["OMP_WAIT_POLICY"] = _policy
 
-from piggy_lightning.module import PiggyModule  # noqa: E402
-
 __all__ = ["PiggyModule", "busy_cores", "wait_policy"]
+
+
+def __getattr__(name: str):
+    """``piggy_lightning.PiggyModule``, imported on first use: importing the package (which every subpackage import
+    does first) then costs no Lightning import (about 5 s of CPU on the 2-core machine), e.g. for ``main.py grid``,
+    the organism's generators and the judges."""
+    if name == "PiggyModule":
+        from piggy_lightning.module import PiggyModule
+
+        return PiggyModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
