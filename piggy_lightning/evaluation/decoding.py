@@ -102,3 +102,9 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
+
+
+def strip_stops(ids: list[int], stops: list[int]) -> list[int]:
+    """Cut at the first stop token (``generate`` and servers that return ids include the one that ended it)."""
+    stop = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids if stop is None else ids[:stop]

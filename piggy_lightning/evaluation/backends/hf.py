@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from piggy_lightning.evaluation.backends.base import Complete, Completion, GenerationBackend, GenerationContext
-from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids, stable_seed
+from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids, stable_seed, strip_stops
 from piggy_lightning.evaluation.intervention import KVCache, PromptBatch
 from piggy_lightning.forward import eval_mode
 
@@ -137,8 +137,8 @@ class HFBackend(GenerationBackend):
                 )
             completions = []
             for tokens in out[:, batch.input_ids.size(1) :].tolist():  # (B, <= max_new_tokens)
-                stop = next((i for i, t in enumerate(tokens) if t in stops), None)
-                completions.append(Completion(tokens if stop is None else tokens[:stop], stop is None, seed))
+                response = strip_stops(tokens, stops)
+                completions.append(Completion(response, len(response) == len(tokens), seed))
             return completions
 
         with eval_mode(model), torch.no_grad(), _forked_rng(device):

@@ -1,6 +1,6 @@
 """What the backends that generate outside this process's forward share (:mod:`.server`, :mod:`.vllm`): which
 weights to serve (the engine's base, or the base plus the policy's LoRA adapter exported to a directory), each
-item's seed, and where a response ends.
+item's seed.
 
 Such an engine serves its own weights, so the policy must be shown to be those weights, or the base plus an adapter
 the engine can load: a trained policy generated as the base would record the base model's answers as the trained
@@ -9,17 +9,16 @@ model's. :func:`adapter_to_serve` decides, and refuses what cannot be served (fu
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from piggy_lightning.evaluation.backends.base import BackendMismatch
 from piggy_lightning.evaluation.decoding import Decoding, WorkItem, stable_seed
+from piggy_lightning.evaluation.identity import weights_digest
 
 
 def adapter_to_serve(model: nn.Module, adapter_id: str | None) -> nn.Module | None:
@@ -64,15 +63,10 @@ def adapter_to_serve(model: nn.Module, adapter_id: str | None) -> nn.Module | No
 def export_adapter(model: nn.Module, root: Path) -> tuple[str, Path]:
     """Save ``model``'s adapter as ``root/piggy-<digest>`` (once per content) and return (name, directory).
 
-    The name is a digest of the adapter's weights, so the same weights always load under the same name (a
-    server's "already loaded" is then correct) and different weights never do."""
-    from peft import get_peft_model_state_dict
-
-    h = hashlib.sha256()
-    for key, t in sorted(get_peft_model_state_dict(model).items()):
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    name = f"piggy-{h.hexdigest()[:16]}"
+    The name is the weights digest that also names the evaluated state in every record key
+    (:func:`~piggy_lightning.evaluation.identity.weights_digest`), so the same weights always load under the same
+    name (a server's "already loaded" is then correct) and different weights never do."""
+    name = f"piggy-{weights_digest(model)}"
     path = root / name
     if not (path / "adapter_config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -88,9 +82,3 @@ def export_adapter(model: nn.Module, root: Path) -> tuple[str, Path]:
 def request_seed(decoding: Decoding, item: WorkItem) -> int:
     """Each item's seed (a server request carries one): 31 bits, since llama.cpp reads 2**32 - 1 as "random"."""
     return stable_seed(decoding.seed, item.key) & 0x7FFFFFFF
-
-
-def strip_stops(ids: list[int], stops: list[int]) -> list[int]:
-    """Cut at the first stop token (servers that return ids include the eos that ended the response)."""
-    stop = next((i for i, t in enumerate(ids) if t in stops), None)
-    return ids if stop is None else ids[:stop]

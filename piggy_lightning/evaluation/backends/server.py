@@ -43,8 +43,8 @@ from piggy_lightning.evaluation.backends.base import (
     GenerationBackend,
     GenerationContext,
 )
-from piggy_lightning.evaluation.backends.remote import adapter_to_serve, export_adapter, request_seed, strip_stops
-from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids
+from piggy_lightning.evaluation.backends.remote import adapter_to_serve, export_adapter, request_seed
+from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids, strip_stops
 
 if TYPE_CHECKING:  # the SDK takes about 0.6 s to import: loaded by the first session (config parsing stays instant)
     import openai

@@ -26,8 +26,8 @@ from piggy_lightning.evaluation.backends.base import (
     GenerationBackend,
     GenerationContext,
 )
-from piggy_lightning.evaluation.backends.remote import adapter_to_serve, export_adapter, request_seed, strip_stops
-from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids
+from piggy_lightning.evaluation.backends.remote import adapter_to_serve, export_adapter, request_seed
+from piggy_lightning.evaluation.decoding import Decoding, WorkItem, eos_ids, strip_stops
 from piggy_lightning.modeling import resolve_model_path
 
 
