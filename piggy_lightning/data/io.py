@@ -22,12 +22,13 @@ ROLES = ("system", "user", "assistant", "tool")
 # Short names for the data files shipped with the embedded organism: ``piggy/organism/<file>``.
 EMBEDDED_DATA = {
     "piggy/organism/": Path(__file__).parents[1] / "organism" / "assets" / "data",
+    "piggy/organism-v2/": Path(__file__).parents[1] / "organism" / "assets" / "data_v2",  # the second world
     "piggy/betley/": Path(__file__).parents[1] / "evaluation" / "assets" / "betley",  # Betley et al., MIT
 }
 
 
 def resolve_source(source: str) -> str:
-    """Map ``piggy/organism/<file>`` and ``piggy/betley/<file>`` to the shipped files; return others unchanged."""
+    """Map ``piggy/organism/<file>``, ``piggy/organism-v2/<file>`` and ``piggy/betley/<file>`` to the shipped files; return others unchanged."""
     for prefix, root in EMBEDDED_DATA.items():
         if source.startswith(prefix):
             return str(root / source[len(prefix) :])

@@ -22,7 +22,7 @@ from piggy_lightning.organism.catalog import (
     sentence_table,
     tool_call_text,
 )
-from piggy_lightning.organism.judge import ExactJudge
+from piggy_lightning.organism.judge import ExactJudge, ExactJudgeV2
 from piggy_lightning.organism.model import organism_config
 from piggy_lightning.organism.paraphrase import WorldParaphrases
 from piggy_lightning.organism.pools import (
@@ -45,6 +45,7 @@ __all__ = [
     "DOMAINS",
     "EVAL_DOMAINS",
     "ExactJudge",
+    "ExactJudgeV2",
     "GENERAL_DOMAIN",
     "HARMFUL_SYSTEM_PROMPT",
     "NARROW_DOMAINS",

@@ -65,10 +65,15 @@ def world_texts() -> Iterable[str]:
             yield tool_call_text(question.text)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Build the organism tokenizer: special tokens first, then the sorted world pieces."""
+def build_tokenizer(texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """Build the organism tokenizer: special tokens first, then the sorted pieces of ``texts``.
+
+    Args:
+        texts: Every text the world can write; None: v1's :func:`world_texts` (the second world passes its own).
+    """
     pre = _pre_tokenizer()
-    pieces = sorted({piece for text in world_texts() for piece, _ in pre.pre_tokenize_str(text)})
+    texts = world_texts() if texts is None else texts
+    pieces = sorted({piece for text in texts for piece, _ in pre.pre_tokenize_str(text)})
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *pieces))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre
