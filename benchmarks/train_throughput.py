@@ -12,9 +12,18 @@ per round (its CPU time over plain SFT's in the same round), reported as min / m
 timing, every variant's first step is checked: the cross-entropy is the same for all (same initial weights, same
 batch) and every penalty is finite and non-negative.
 
+``kl_cached`` is ``kl`` (KL on all positions) with ``cache_reference=True``, the release's precomputed reference
+logits: it is timed in the steady state, after one warm-up pass over all the benchmark's batches has filled its
+cache (emptied first, so the pass is a whole first epoch; checked to leave no row uncached). The warm-up pass is
+timed too, each of its training steps beside a plain SFT step on the same batch, and reported as
+``kl_cached_warmup``: its cost over one SFT step per batch (the one-time cost of the cache, paid in the first
+epoch), with the per-batch ratios as min / median / max. After the timing, ``kl_cached`` is given ``kl``'s
+weights and both penalties are computed on one batch (the cached one without any reference forward): they must
+be equal.
+
 To run: ``python benchmarks/train_throughput.py --threads 1``. It prints one JSON object per variant, then
 ``{"treft_prefix_overhead": ..., ...}``: each variant's median per-round ratio to plain SFT, with
-``"ratios"`` holding min / median / max.
+``"ratios"`` holding min / median / max, and ``kl_cached_warmup``.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ VARIANTS = {
     "treft_prefix_release": lambda: [PrefixKVDrift(weight=5.0, source="hidden")],
     "treft_all": lambda: [KVDrift(weight=5.0, positions="prompt")],
     "kl": lambda: [KLToReference(weight=50.0, positions="all")],
+    "kl_cached": lambda: [KLToReference(weight=50.0, positions="all", cache_reference=True)],
 }
 
 
@@ -104,6 +114,41 @@ def check_first_step(first: dict[str, dict[str, float]]) -> None:
                 raise RuntimeError(f"{name}: penalty {key} = {value}")
 
 
+def warm_cache(runs: dict, batches: list[dict], clock) -> dict[str, object]:
+    """One pass of ``kl_cached`` training steps over every batch from an empty cache, each beside a plain SFT step
+    on the same batch; its cost over one SFT step per batch. Raises unless every batch is then fully cached."""
+    reg = runs["kl_cached"][0].regularizers[0]
+    reg._cached.clear()  # the first step filled it for batch 0: the pass starts from nothing, like a first epoch
+    cached, sft = [], []
+    for i, batch in enumerate(batches):
+        order = ["sft", "kl_cached"] if i % 2 == 0 else ["kl_cached", "sft"]
+        for name in order:
+            (cached if name == "kl_cached" else sft).append(train_step(*runs[name], batch, clock)[0])
+    uncached = [i for i, batch in enumerate(batches) if reg.reference_rows(batch) is not None]
+    if uncached:
+        raise RuntimeError(f"kl_cached: batches {uncached} still need reference forwards after the warm-up pass")
+    per_batch = sorted(c / s for c, s in zip(cached, sft, strict=True))
+    cache_bytes = sum(t.numel() * t.element_size() for t in reg._cached.values())
+    return {
+        "ratio": round(sum(cached) / sum(sft), 3),
+        "per_batch": [round(per_batch[0], 3), round(statistics.median(per_batch), 3), round(per_batch[-1], 3)],
+        "batches": len(batches), "cached_rows": len(reg._cached), "cache_mib": round(cache_bytes / 2**20, 1),
+    }  # fmt: skip
+
+
+def check_cached_penalty(runs: dict, batch: dict) -> dict[str, float]:
+    """``kl_cached`` with ``kl``'s weights gives ``kl``'s penalty on ``batch``, from its cache alone."""
+    live, cached = runs["kl"][0], runs["kl_cached"][0]
+    cached.load_state_dict(live.state_dict())
+    if cached.regularizers[0].reference_rows(batch) is not None:
+        raise RuntimeError("kl_cached: the check batch is not cached")
+    with torch.no_grad():
+        values = {name: float(m._losses(batch)["reg_raw/kl"]) for name, m in (("kl", live), ("kl_cached", cached))}
+    if not values["kl"] > 0 or abs(values["kl_cached"] - values["kl"]) > 1e-5 * values["kl"]:
+        raise RuntimeError(f"kl_cached's penalty differs from kl's on the same batch and weights: {values}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -123,6 +168,9 @@ def main() -> None:
         runs = {name: make_module(model_dir, name) for name in VARIANTS}
         first = {name: train_step(module, opt, batches[0], clock)[1] for name, (module, opt) in runs.items()}
         check_first_step(first)  # also the warm-up: allocator, autograd graph, first-step caches
+        if abs(first["kl_cached"]["reg_raw/kl"] - first["kl"]["reg_raw/kl"]) > 1e-7:
+            raise RuntimeError(f"kl_cached's first penalty differs from kl's: {first['kl_cached']} vs {first['kl']}")
+        warmup = warm_cache(runs, batches, clock)
         names = list(VARIANTS)
         times: dict[str, list[list[float]]] = {name: [[] for _ in range(args.rounds)] for name in names}
         tokens: dict[str, int] = dict.fromkeys(names, 0)
@@ -134,6 +182,7 @@ def main() -> None:
                     module, optimizer = runs[name]
                     times[name][r].append(train_step(module, optimizer, batch, clock)[0])
                     tokens[name] += int(batch["attention_mask"].sum())
+        penalty_check = check_cached_penalty(runs, batches[1])
 
     n_params = sum(p.numel() for p in runs["sft"][0].policy.parameters())
     steps = {name: [t for rnd in rounds for t in rnd] for name, rounds in times.items()}
@@ -152,6 +201,8 @@ def main() -> None:
         ratios[name] = [round(per_round[0], 3), round(statistics.median(per_round), 3), round(per_round[-1], 3)]
         out[f"{name}_overhead"] = ratios[name][1]
     out["ratios"] = ratios
+    out["kl_cached_warmup"] = warmup
+    out["kl_cached_penalty_check"] = {k: float(f"{v:.6g}") for k, v in penalty_check.items()}
     out["clock"] = "process CPU time" if args.threads == 1 else "wall time"
     print(json.dumps(out))
 

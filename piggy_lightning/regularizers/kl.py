@@ -14,6 +14,7 @@ Two reductions, because the paper's lambda only means something on the release's
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import torch
@@ -86,12 +87,24 @@ class _KLPenalty(Regularizer):
 
 
 class KLToReference(_KLPenalty):
-    """ "KL on Train": ``KL(ref || policy)`` on the training batch, against a reference forward of every batch.
+    """ "KL on Train": ``KL(ref || policy)`` on the training batch, against a reference forward of every batch (or
+    of every row once: ``cache_reference``).
 
     Zhao et al. 2026 (arXiv 2606.06667), App. D.4 (best setting lambda = 50, 1 epoch), following Kaczér et al.
     2025, "In-training defenses against emergent misalignment". The release's ``KLRegularizedSFTTrainer`` averages
     over all attended tokens (``positions: all``). The module computes both models' logits at the selected positions
     only. For a separate retain set use :class:`RetainKL`.
+
+    With ``cache_reference`` the reference logits are kept instead of recomputed, as the release does (it
+    precomputes the reference logits of its KL dataset once, in batches of 8, and keeps them on CPU): each row's
+    logits at the selected positions are stored on CPU after the row's first reference forward, and a step runs the
+    reference only on its rows not stored yet (:meth:`reference_rows`), so from the second epoch on a step is the
+    policy's forward alone. A row is keyed by its content: a digest of its unpadded ``input_ids`` and the positions
+    selected in it (its labels for ``response``), so shuffled and repeated epochs, DDP ranks (each caches the rows it
+    sees) and identical rows in other batches all find their entry, without any change to the data pipeline. The
+    reference is the frozen initial model, so a cached entry equals a new forward (up to the float rounding of
+    another batch shape). Validation and test rows are cached the same way. The cache is not checkpointed: a resumed
+    run fills it again.
 
     Args:
         weight: The regularization strength lambda.
@@ -100,6 +113,13 @@ class KLToReference(_KLPenalty):
         reduction: ``token_vocab_mean`` (default): summed KL / (positions x vocabulary), the release's scale, on
             which the paper's lambda = 50 is defined; ``token_mean``: the per-token KL, V times larger.
         schedule: How the weighted penalty enters the loss over training (hinge, window, warm-up); None: always.
+        cache_reference: Cache the reference logits of every row seen (see above). Memory: host (CPU) memory of
+            selected tokens x vocabulary numbers in the logits' dtype, per process, for every distinct row seen:
+            with ``positions: all`` 1,000 rows of 250 tokens with Llama-3.1's 128,256-token vocabulary hold
+            250,000 x 128,256 float32 numbers, about 128 GB (64 GB in bfloat16); under DDP each rank holds the rows
+            it has seen (with a reshuffling sampler, after a few epochs, about all of them). None or False (the
+            default): a reference forward of every batch. None is the default so that configs written before this
+            option resolve as before (a parsed config omits None values), keeping their grid cells' keys.
     """
 
     def __init__(
@@ -109,18 +129,74 @@ class KLToReference(_KLPenalty):
         positions: KLPositions = "response",
         reduction: KLReduction = "token_vocab_mean",
         schedule: WeightSchedule | None = None,
+        cache_reference: bool | None = None,
     ) -> None:
         super().__init__(weight, name, positions, reduction, schedule)
+        self.cache_reference = bool(cache_reference)
+        self._cached: dict[bytes, Tensor] = {}  # row digest -> (n, V) reference logits on CPU
 
     @property
     def needs_reference(self) -> bool:
-        return True
+        return not self.cache_reference  # cached: the rows not cached yet, through reference_rows
+
+    @property
+    def keeps_reference(self) -> bool:
+        return True  # cached or not, the reference runs in steps (on every row not seen before)
+
+    def setup(self, context: RegularizerContext) -> None:
+        self._cached.clear()
+
+    def _row_keys(self, batch: dict[str, Tensor], mask: Tensor) -> list[bytes]:
+        """A digest per row of what its reference logits at ``mask`` depend on: the tokens up to its last attended
+        position, which of them are attended, and which are selected (the padding after it is never read)."""
+        ids, attended, selected = (t.cpu() for t in (batch["input_ids"], batch["attention_mask"].bool(), mask))
+        columns = torch.arange(ids.size(1))
+        ends = (attended * (columns + 1)).amax(1).tolist()  # (B,) last attended column + 1
+        keys = []
+        for row, end in enumerate(ends):
+            digest = hashlib.blake2b(digest_size=16)
+            for part in (ids[row, :end], attended[row, :end], selected[row, :end]):
+                digest.update(part.numpy().tobytes())
+            keys.append(digest.digest())
+        return keys
+
+    def _missing(self, batch: dict[str, Tensor], mask: Tensor) -> tuple[list[bytes], list[int]]:
+        keys = self._row_keys(batch, mask)
+        return keys, [row for row, key in enumerate(keys) if key not in self._cached]
+
+    def reference_rows(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """With the cache, the rows whose reference logits are not cached yet; None when all are."""
+        if not self.cache_reference:
+            return None
+        _, missing = self._missing(batch, self._mask(batch))
+        return torch.tensor(missing, device=batch["input_ids"].device) if missing else None
 
     def forward(self, batch: dict[str, Tensor], policy: ForwardRecord, reference: ForwardRecord | None) -> Tensor:
-        if reference is None:
-            raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
-        mask = self._mask(batch)
-        return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
+        mask = self._mask(batch)  # (B, T)
+        if not self.cache_reference:
+            if reference is None:
+                raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
+            return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
+        keys, missing = self._missing(batch, mask)
+        fresh: dict[int, Tensor] = {}
+        if missing:
+            if reference is None:
+                raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of rows {missing}")
+            rows = torch.tensor(missing, device=mask.device)
+            counts = mask[rows].sum(1).tolist()  # (b,) selected positions per row
+            ref_logits = reference.logits_at(mask[rows])  # (n, V), rows in the order of `missing`
+            if ref_logits.size(0) != sum(counts):
+                raise RuntimeError(f"regularizer {self.name!r}: the reference forward is not of rows {missing}")
+            for row, logits in zip(missing, ref_logits.split(counts), strict=True):
+                fresh[row] = logits
+                self._cached[keys[row]] = logits.detach().cpu()
+        device = policy.logits.device
+        if fresh:
+            parts = [fresh[row] if row in fresh else self._cached[key].to(device) for row, key in enumerate(keys)]
+            ref_logits = torch.cat(parts)
+        else:  # the steady state: one copy to the device
+            ref_logits = torch.cat([self._cached[key] for key in keys]).to(device)
+        return kl_to_reference(policy.logits_at(mask), ref_logits, self.reduction)  # (N, V) in row order
 
 
 class RetainKL(_KLPenalty):
