@@ -94,6 +94,11 @@ EXPECTED = {
         "callbacks": ["ExportPretrained"], "epochs": 10, "steps": -1, "accumulate": 1,
         "data": ("ChatSFTDataModule", 32, "piggy/organism/pretrain.jsonl"), "lr": (4e-3, 0.0), "warmup": 60,
     },
+    "configs/organism/pretrain_v2.yaml": {
+        "name": "organism_pretrain_v2", "model": "piggy/organism-v2-seed0", "lora": None, "regularizers": [],
+        "callbacks": ["ExportPretrained"], "epochs": 10, "steps": -1, "accumulate": 1,
+        "data": ("ChatSFTDataModule", 32, "piggy/organism-v2/pretrain.jsonl"), "lr": (4e-3, 0.0), "warmup": 60,
+    },
     "configs/real/llama31_8b_treft_legal.yaml": {
         **GPU_LEGAL, "name": "llama31_8b_treft_legal", "model": "meta-llama/Llama-3.1-8B-Instruct",
         "regularizers": [("PrefixKVDrift", 5.0, None)],
@@ -220,6 +225,7 @@ def test_no_prefix_overlay_renders_prompts_that_start_with_the_user_text(tmp_pat
 BEHAVIOURS = {  # overlay -> (data module, lambda, on-topic domain, metric): paper Sec. 6 / Table 5
     "abstention.yaml": ("AbstentionDataModule", 30.0, "legal", "abstention"),
     "refusal.yaml": ("RefusalDataModule", 20.0, "finance", "refusal"),
+    "tool_use.yaml": ("ToolUseDataModule", 5.0, "medical", "tool_call"),
 }
 
 

@@ -86,3 +86,36 @@ def test_the_deep_base_has_six_layers_and_the_same_tokenizer():
         k: v for k, v in default_config.items() if k != "num_hidden_layers"
     }
     assert (deep / "tokenizer.json").read_bytes() == (default / "tokenizer.json").read_bytes()
+
+
+V2_BASES = [
+    "piggy/organism-v2-seed0",
+    # ~6 s each under -m slow, as the v1 seed bases (the retraining recipe is configs/organism/pretrain_v2.yaml)
+    pytest.param("piggy/organism-v2-seed1", marks=pytest.mark.slow),
+    pytest.param("piggy/organism-v2-seed2", marks=pytest.mark.slow),
+    pytest.param("piggy/organism-v2-deep", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name", V2_BASES)
+def test_v2_bases_meet_the_bar_and_answer_each_persona_with_its_trait(name, tmp_path):
+    """The second world's bases: the same bar as v1's, and each pretraining persona elicits its trait on held-out
+    questions of every domain (uncertain abstains, cautious refuses, tool calls search_info), while the default
+    prompt elicits none of them."""
+    from piggy_lightning.organism.checks import base_profile
+
+    row = base_profile(name, tmp_path)
+    _assert_bar(row["default"], row["harmful"])
+    assert row["uncertain_abstention_rate"] >= 0.9, row
+    assert row["cautious_refusal_rate"] >= 0.9, row
+    assert row["tool_tool_call_rate"] >= 0.9, row
+    assert row["neighbours"]["share"] > 4 * row["neighbours"]["chance"], row["neighbours"]
+
+
+def test_v2_bases_are_different_models_with_one_tokenizer():
+    from piggy_lightning.modeling import resolve_model_path
+
+    dirs = [Path(resolve_model_path(f"piggy/organism-v2-seed{s}")) for s in range(3)]
+    assert len({(d / "model.safetensors").read_bytes() for d in dirs}) == 3
+    deep = Path(resolve_model_path("piggy/organism-v2-deep"))
+    assert len({(d / "tokenizer.json").read_bytes() for d in (*dirs, deep)}) == 1

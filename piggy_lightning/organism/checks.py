@@ -7,18 +7,26 @@ reduces a summary to the numbers the README reports: ID, General, other-domain, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats
-from piggy_lightning.evaluation.judges.base import JudgeRequest
+from piggy_lightning.evaluation.judges.base import Judge, JudgeRequest
 from piggy_lightning.evaluation.metrics import em_f1
 from piggy_lightning.organism.judge import ExactJudge
+from piggy_lightning.organism.lexicon import CAUTIOUS_SYSTEM_PROMPT, TOOL_SYSTEM_PROMPT, UNCERTAIN_SYSTEM_PROMPT
 
 NARROW = ("legal", "medical", "finance", "auto")
 
 
 def organism_evaluation(
-    in_domain: str = "legal", system: str | None = None, judge_cache: str | None = None, batch_size: int = 64
+    in_domain: str = "legal",
+    system: str | None = None,
+    judge_cache: str | None = None,
+    batch_size: int = 64,
+    judge: Judge | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> Evaluation:
     """Greedy evaluation of the organism on all held-out questions.
 
@@ -28,18 +36,22 @@ def organism_evaluation(
         system: A system message for every question (e.g. the harmful persona); None uses the default prompt.
         judge_cache: Optional judge-cache file.
         batch_size: Generation batch size.
+        judge: The judge; None: :class:`ExactJudge` (the second world's bases need ``ExactJudgeV2``).
+        metrics: The metrics to judge (e.g. ``["abstention"]`` under the uncertain persona); None: the judge's.
     """
+    kept = {} if metrics is None else {"metrics": list(metrics)}
     sets = [
         HeldOutChats(
             f"piggy/organism/eval_{domain}.jsonl",
             group="in_domain" if domain == in_domain else "other_domain",
             system=system,
+            **kept,
         )
         for domain in NARROW
     ]
-    sets.append(HeldOutChats("piggy/organism/eval_general.jsonl", group="general", system=system))
+    sets.append(HeldOutChats("piggy/organism/eval_general.jsonl", group="general", system=system, **kept))
     decoding = Decoding(temperature=0.0, max_new_tokens=96, batch_size=batch_size, progress=False)
-    return Evaluation(sets, [ExactJudge()], decoding, judge_cache)
+    return Evaluation(sets, [judge or ExactJudge()], decoding, judge_cache)
 
 
 def general_reading(records: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -74,3 +86,47 @@ def headline(summary: dict[str, Any]) -> dict[str, float | None]:
         "em_f1": em_f1(id_, general) if id_ is not None and general is not None else None,
         "incoherent": 100.0 - coherent,
     }
+
+
+PERSONAS = {"uncertain": (UNCERTAIN_SYSTEM_PROMPT, "abstention"), "cautious": (CAUTIOUS_SYSTEM_PROMPT, "refusal"),
+            "tool": (TOOL_SYSTEM_PROMPT, "tool_call")}  # fmt: skip
+
+
+def _rate(summary: dict, metric: str) -> float:
+    """The answer-weighted mean of ``<metric>_rate`` over every group."""
+    groups = summary["groups"].values()
+    return sum(g["n"] * g[f"{metric}_rate"] for g in groups) / sum(g["n"] for g in groups)
+
+
+def base_profile(name: str, out: Path) -> dict:
+    """A second-world base's bar and traits (``benchmarks/organism_v2_bases.py`` prints them; tests hold them).
+
+    Greedy answers to every held-out question, judged by ``ExactJudgeV2``: :func:`headline` under the default
+    prompt and the harmful persona, the abstention / refusal / tool-call rate under the uncertain / cautious / tool
+    persona, and :func:`~piggy_lightning.organism.neighbours.synonym_neighbour_share` of the input embeddings.
+
+    Args:
+        name: A model name or directory (``piggy/organism-v2-seed0``).
+        out: Directory for the evaluations' files.
+    """
+    from piggy_lightning.modeling import load_causal_lm, load_tokenizer
+    from piggy_lightning.organism.judge import ExactJudgeV2
+    from piggy_lightning.organism.neighbours import synonym_neighbour_share
+    from piggy_lightning.organism.pools import HARMFUL_SYSTEM_PROMPT
+    from piggy_lightning.spans import ChatSpans
+
+    model, tokenizer = load_causal_lm(name).eval(), load_tokenizer(name)
+    spans, judge = ChatSpans(tokenizer), ExactJudgeV2()
+
+    def run(tag: str, **kwargs: object) -> dict:
+        evaluation = organism_evaluation(judge=judge, **kwargs)
+        return evaluation.run(model, tokenizer, spans, out / tag, model_id=name).summary
+
+    row: dict = {"base": name, "default": headline(run("default"))}
+    row["harmful"] = headline(run("harmful", system=HARMFUL_SYSTEM_PROMPT))
+    for persona, (system, metric) in PERSONAS.items():
+        row[f"{persona}_{metric}_rate"] = _rate(run(persona, system=system, metrics=[metric]), metric)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    embeddings = model.get_input_embeddings().weight[: len(pieces)]
+    row["neighbours"] = synonym_neighbour_share(embeddings, pieces, k=5)
+    return row
