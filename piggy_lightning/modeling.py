@@ -29,7 +29,8 @@ EMBEDDED_MODELS = {
     "piggy/organism-seed1": _ORGANISM / "bases" / "seed1",
     "piggy/organism-seed2": _ORGANISM / "bases" / "seed2",
     "piggy/organism-deep": _ORGANISM / "bases" / "deep",  # 6 layers, the same recipe (seed 0): a layer axis
-    # The second world (synonyms, abstaining/refusing/tool personas): organism/world_v2.py, configs/organism/pretrain_v2.yaml
+    # The second world (synonyms; abstaining, refusing and tool personas): organism/world_v2.py, its recipe
+    # configs/organism/pretrain_v2.yaml
     "piggy/organism-v2-seed0": _ORGANISM / "bases" / "v2-seed0",
     "piggy/organism-v2-seed1": _ORGANISM / "bases" / "v2-seed1",
     "piggy/organism-v2-seed2": _ORGANISM / "bases" / "v2-seed2",

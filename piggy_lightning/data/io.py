@@ -28,7 +28,10 @@ EMBEDDED_DATA = {
 
 
 def resolve_source(source: str) -> str:
-    """Map ``piggy/organism/<file>``, ``piggy/organism-v2/<file>`` and ``piggy/betley/<file>`` to the shipped files; return others unchanged."""
+    """Map ``piggy/organism/<file>``, ``piggy/organism-v2/<file>``, ``piggy/betley/<file>`` to the shipped files.
+
+    Other sources are returned unchanged.
+    """
     for prefix, root in EMBEDDED_DATA.items():
         if source.startswith(prefix):
             return str(root / source[len(prefix) :])
