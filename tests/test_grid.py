@@ -429,3 +429,28 @@ def test_committed_grids_expand_and_every_variant_resolves(grid_file):
             resolved.add(shape)
             tree = resolve_cell(cell, ROOT)
             assert tree["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger"), cell.label
+
+
+def test_export_keeps_every_file_the_report_reads(tmp_path):
+    """Table 1's Best / Avg live beside the summaries (best_avg.json, rephrased.json); an export that left them
+    behind made the committed report print "–" for them."""
+    from piggy_lightning.experiments.report import cell_metrics, export_run
+
+    out = tmp_path / "run"
+    tag = out / "cells" / "k" / "run" / "eval" / "fit_end@perturb"
+    tag.mkdir(parents=True)
+    (out / "grid.json").write_text(json.dumps({"cells": [{"key": "k"}], "experiments": {}}))
+    (out / "cells" / "k" / "status.json").write_text(json.dumps({"status": "done"}))
+    (tag / "summary.json").write_text(json.dumps({"groups": {"general": {"alignment": 40.0}}}))
+    (tag / "best_avg.json").write_text(json.dumps({"groups": {"general": {"best": 93.0, "avg": 65.5}}}))
+    (tag.parent / "fit_end").mkdir()
+    (tag.parent / "fit_end" / "rephrased.json").write_text(json.dumps({"general_rephrased": {"best": 7.0, "avg": 6.0}}))
+    (tag.parent / "fit_end" / "summary.json").write_text(json.dumps({"groups": {}}))
+    expected = {
+        "fit_end@perturb/general.alignment": 40.0, "fit_end@perturb/general.best": 93.0,
+        "fit_end@perturb/general.avg": 65.5, "fit_end/general_rephrased.best": 7.0,
+        "fit_end/general_rephrased.avg": 6.0,
+    }  # fmt: skip
+    assert cell_metrics(out / "cells" / "k" / "run") == expected
+    dest = export_run(out, tmp_path / "exported")
+    assert cell_metrics(dest / "cells" / "k" / "run") == expected

@@ -133,7 +133,8 @@ def _test(diffs: list[float]) -> dict[str, Any]:
 def export_run(out: Path, dest: Path) -> Path:
     """Copy what a report reads from a grid run into ``dest``, in the same layout, without checkpoints or events.
 
-    ``grid.json``, each cell's ``status.json`` and ``cell.yaml``, and every ``run/eval/<tag>/summary.json``: small
+    ``grid.json``, each cell's ``status.json`` and ``cell.yaml``, and every ``run/eval/<tag>/summary.json`` (with
+    the ``best_avg.json`` and ``rephrased.json`` that :func:`cell_metrics` reads beside it): small
     text files to commit beside the report, so ``main.py grid report <dest>`` rebuilds it and a test can check the
     report against the cells' own summaries. Machine-specific paths (the working directory, the interpreter) stay
     in ``status.json`` as they were recorded.
@@ -151,6 +152,8 @@ def export_run(out: Path, dest: Path) -> Path:
             cell / "status.json",
             cell / "cell.yaml",
             *sorted((cell / "run" / "eval").glob("**/summary.json")),
+            *sorted((cell / "run" / "eval").glob("**/best_avg.json")),  # Table 1's Best / Avg (cell_metrics)
+            *sorted((cell / "run" / "eval").glob("**/rephrased.json")),
         ]:
             if path.is_file():
                 target = dest / path.relative_to(out)
