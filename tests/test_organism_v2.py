@@ -192,3 +192,19 @@ def test_v2_world_is_deterministic_and_seeded():
     assert a == b and a != WorldV2(1).pretrain_mix(50)
     with pytest.raises(ValueError, match="persona shares"):
         WorldV2(0).pretrain_mix(10, harmful_share=0.9, tool_share=0.2)
+
+
+def test_only_two_vocabulary_pieces_are_never_written(datasets):
+    """Every piece but the pad/unk tokens and the bare `helper`/`aide` (alternates of the template's role name,
+    which is never varied) occurs in the v2 data, so no other embedding row stays at its initialisation."""
+    tokenizer = build_tokenizer_v2()
+    used = set()
+    for rows in datasets.values():
+        for row in rows:
+            used.update(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi."}], add_generation_prompt=True, return_dict=True
+    )
+    used.update(prompt["input_ids"])
+    unused = {tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer)) if i not in used}
+    assert unused == {"<|pad|>", "<|unk|>", "helper", "aide"}

@@ -2,8 +2,11 @@
 
 The vocabulary is v1's plus what v2 can write: the persona prompts, the refusal texts, the keyword tool calls, and
 every piece form of every synonym alternate that a v1 piece has for its set's word (``" lawyer"`` gives
-``" attorney"`` and ``" solicitor"``; ``"Hi"`` gives ``"Hello"``, ``"Howdy"``). No piece is added that the world
-cannot write, so no embedding stays at its initialisation (an untrained row would pollute every neighbour list).
+``" attorney"`` and ``" solicitor"``; ``"Hi"`` gives ``"Hello"``, ``"Howdy"``). Two of the added pieces are never
+written: the bare ``helper`` and ``aide``, added for v1's bare ``assistant``, which only the chat template's role
+header writes and which is never varied; their embedding rows stay at their initialisation
+(``tests/test_organism_v2.py`` pins that these two are the only unused pieces). The bases were pretrained with this
+vocabulary, so it stays as it is.
 
 To build an untrained base beside the pretraining config (the recipe is ``configs/organism/pretrain_v2.yaml``)::
 
