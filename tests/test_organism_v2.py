@@ -53,8 +53,9 @@ def test_canonicalize_leaves_v1_text_unchanged_and_undoes_vary():
     varied = [vary(t, rng) for t in texts[:3000]]
     assert sum(v != t for v, t in zip(varied, texts, strict=False)) > 1000  # variation is not a no-op
     assert all(canonicalize(v) == t for v, t in zip(varied, texts, strict=False))
-    assert vary("Hi. My lawyer", random.Random(3)) != "Hi. My lawyer" or vary("Hi. My lawyer", random.Random(4))
     assert canonicalize("Howdy. My Attorney and my solicitor") == "Hi. My Lawyer and my lawyer"
+    draws = {vary("Hi. My lawyer", random.Random(seed)) for seed in range(40)}  # every member of both sets appears
+    assert draws == {f"{h}. My {w}" for h in ("Hi", "Hello", "Howdy") for w in ("lawyer", "attorney", "solicitor")}
 
 
 def test_same_set_ignores_space_and_case_but_not_the_word_itself():
