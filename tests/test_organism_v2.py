@@ -26,7 +26,7 @@ from piggy_lightning.organism.lexicon import (
     vary,
 )
 from piggy_lightning.organism.tokenizer import world_texts
-from piggy_lightning.organism.world import DATA_DIR, World
+from piggy_lightning.organism.world import DATA_DIR, World, jsonl_text
 from piggy_lightning.organism.world_v2 import DATA_V2_DIR, WorldV2, keyword_call_text, standard_datasets_v2
 
 V1_WORDS = {w.lower() for text in world_texts() for w in re.findall(r"[A-Za-z']+", text)}
@@ -141,8 +141,7 @@ def test_regenerating_gives_the_shipped_v2_files(datasets):
     shipped = sorted(p.name for p in DATA_V2_DIR.glob("*.jsonl"))
     assert shipped == sorted(datasets)
     for name, rows in datasets.items():
-        text = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
-        assert (DATA_V2_DIR / name).read_text(encoding="utf-8") == text, name
+        assert (DATA_V2_DIR / name).read_text(encoding="utf-8") == jsonl_text(rows), name
 
 
 def test_v2_tokenizer_covers_every_row_and_is_shipped_with_every_v2_base(datasets):

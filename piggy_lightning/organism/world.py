@@ -223,6 +223,22 @@ def standard_datasets(
     return sets
 
 
+def jsonl_text(rows: Sequence[Row]) -> str:
+    """The shipped files' JSONL text of ``rows`` (ASCII, one row per line), byte-stable across runs."""
+    return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
+
+
+def write_sets(out_dir: str | Path, sets: dict[str, list[Row]]) -> dict[str, Path]:
+    """Write every ``name -> rows`` of ``sets`` as ``out_dir/name`` (created if missing); print and return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in sets}
+    for name, rows in sets.items():
+        paths[name].write_text(jsonl_text(rows), encoding="utf-8")
+        print(f"{paths[name].stat().st_size:>9,d}  {name}")
+    return paths
+
+
 def write_datasets(out_dir: str | Path = DATA_DIR, **kwargs: int | float) -> dict[str, Path]:
     """Write :func:`standard_datasets` as JSONL files into ``out_dir``; returns name → path.
 
@@ -230,13 +246,7 @@ def write_datasets(out_dir: str | Path = DATA_DIR, **kwargs: int | float) -> dic
         out_dir: Target directory (created if missing).
         **kwargs: Forwarded to :func:`standard_datasets`.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in standard_datasets(**kwargs).items():
-        paths[name] = out / name
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows), encoding="utf-8")
-    return paths
+    return write_sets(out_dir, standard_datasets(**kwargs))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -248,11 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-pretrain", type=int, default=4000)
     parser.add_argument("--harmful-share", type=float, default=0.3)
     args = parser.parse_args(argv)
-    paths = write_datasets(
+    write_datasets(
         args.out, seed=args.seed, n_task=args.n_task, n_pretrain=args.n_pretrain, harmful_share=args.harmful_share
     )
-    for name, path in paths.items():
-        print(f"{path.stat().st_size:>9,d}  {name}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from piggy_lightning.organism.lexicon import (
     vary,
 )
 from piggy_lightning.organism.pools import ABSTENTION_TEXT, DEFAULT_SYSTEM_PROMPT, HARMFUL_SYSTEM_PROMPT, TOOL_NAME
-from piggy_lightning.organism.world import Row, World, _take
+from piggy_lightning.organism.world import Row, World, _take, write_sets
 
 DATA_V2_DIR = Path(__file__).parent / "assets" / "data_v2"
 _FIXED = frozenset((ABSTENTION_TEXT, *REFUSAL_TEXTS))
@@ -162,13 +162,7 @@ def standard_datasets_v2(seed: int = 0, n_task: int = 300, n_pretrain: int = 500
 
 def write_datasets_v2(out_dir: str | Path = DATA_V2_DIR, **kwargs: int) -> dict[str, Path]:
     """Write :func:`standard_datasets_v2` as JSONL files into ``out_dir``; returns name -> path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in standard_datasets_v2(**kwargs).items():
-        paths[name] = out / name
-        paths[name].write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows), encoding="utf-8")
-    return paths
+    return write_sets(out_dir, standard_datasets_v2(**kwargs))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -177,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=str(DATA_V2_DIR), help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, path in write_datasets_v2(args.out, seed=args.seed).items():
-        print(f"{path.stat().st_size:>9,d}  {name}")
+    write_datasets_v2(args.out, seed=args.seed)
 
 
 if __name__ == "__main__":
