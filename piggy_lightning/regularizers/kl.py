@@ -134,6 +134,7 @@ class KLToReference(_KLPenalty):
         super().__init__(weight, name, positions, reduction, schedule)
         self.cache_reference = bool(cache_reference)
         self._cached: dict[bytes, Tensor] = {}  # row digest -> (n, V) reference logits on CPU
+        self._step: tuple[Tensor, list[bytes], list[int]] | None = None  # this step's input_ids, row keys, misses
 
     @property
     def needs_reference(self) -> bool:
@@ -145,6 +146,7 @@ class KLToReference(_KLPenalty):
 
     def setup(self, context: RegularizerContext) -> None:
         self._cached.clear()
+        self._step = None
 
     def _row_keys(self, batch: dict[str, Tensor], mask: Tensor) -> list[bytes]:
         """A digest per row of what its reference logits at ``mask`` depend on: the tokens up to its last attended
@@ -161,8 +163,14 @@ class KLToReference(_KLPenalty):
         return keys
 
     def _missing(self, batch: dict[str, Tensor], mask: Tensor) -> tuple[list[bytes], list[int]]:
+        """Each row's key and the rows not cached, hashed once per step: :meth:`reference_rows` and :meth:`forward`
+        receive the same batch, and the rows it returned are those the reference ran on (a copy to the host each)."""
+        if self._step is not None and self._step[0] is batch["input_ids"]:
+            return self._step[1], self._step[2]
         keys = self._row_keys(batch, mask)
-        return keys, [row for row, key in enumerate(keys) if key not in self._cached]
+        missing = [row for row, key in enumerate(keys) if key not in self._cached]
+        self._step = (batch["input_ids"], keys, missing)
+        return keys, missing
 
     def reference_rows(self, batch: dict[str, Tensor]) -> Tensor | None:
         """With the cache, the rows whose reference logits are not cached yet; None when all are."""
@@ -178,6 +186,7 @@ class KLToReference(_KLPenalty):
                 raise RuntimeError(f"regularizer {self.name!r} needs the reference forward of the batch")
             return kl_to_reference(policy.logits_at(mask), reference.logits_at(mask), self.reduction)
         keys, missing = self._missing(batch, mask)
+        self._step = None  # the rows are stored below; a later batch is hashed anew
         fresh: dict[int, Tensor] = {}
         if missing:
             if reference is None:
