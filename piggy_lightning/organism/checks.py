@@ -14,8 +14,12 @@ from typing import Any
 from piggy_lightning.evaluation import Decoding, Evaluation, HeldOutChats
 from piggy_lightning.evaluation.judges.base import Judge, JudgeRequest
 from piggy_lightning.evaluation.metrics import em_f1
-from piggy_lightning.organism.judge import ExactJudge
+from piggy_lightning.modeling import load_causal_lm, load_tokenizer
+from piggy_lightning.organism.judge import ExactJudge, ExactJudgeV2
 from piggy_lightning.organism.lexicon import CAUTIOUS_SYSTEM_PROMPT, TOOL_SYSTEM_PROMPT, UNCERTAIN_SYSTEM_PROMPT
+from piggy_lightning.organism.neighbours import synonym_neighbour_share
+from piggy_lightning.organism.pools import HARMFUL_SYSTEM_PROMPT
+from piggy_lightning.spans import ChatSpans
 
 NARROW = ("legal", "medical", "finance", "auto")
 
@@ -109,12 +113,6 @@ def base_profile(name: str, out: Path) -> dict:
         name: A model name or directory (``piggy/organism-v2-seed0``).
         out: Directory for the evaluations' files.
     """
-    from piggy_lightning.modeling import load_causal_lm, load_tokenizer
-    from piggy_lightning.organism.judge import ExactJudgeV2
-    from piggy_lightning.organism.neighbours import synonym_neighbour_share
-    from piggy_lightning.organism.pools import HARMFUL_SYSTEM_PROMPT
-    from piggy_lightning.spans import ChatSpans
-
     model, tokenizer = load_causal_lm(name).eval(), load_tokenizer(name)
     spans, judge = ChatSpans(tokenizer), ExactJudgeV2()
 
