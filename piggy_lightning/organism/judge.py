@@ -122,7 +122,10 @@ class ExactJudge(Judge):
 
     def parse(self, answer: str) -> Parse:
         """Split an answer into sentences and label each one by exact lookup (after :meth:`normalize`)."""
-        text = self.normalize(answer).strip()
+        return self._parse_normalized(self.normalize(answer))
+
+    def _parse_normalized(self, normalized: str) -> Parse:
+        text = normalized.strip()
         if not text:
             return Parse("empty")
         if text == ABSTENTION_TEXT:
@@ -167,8 +170,8 @@ class ExactJudge(Judge):
 
     def _judge(self, request: JudgeRequest) -> Judgement:
         answer, metric = request.answer, request.metric
-        parse = self.parse(answer)
-        text = self.normalize(answer)  # what the detectors read; ``raw`` keeps the answer as written
+        text = self.normalize(answer)  # what the tables and detectors read; ``raw`` keeps the answer as written
+        parse = self._parse_normalized(text)
         kind, labels = parse.kind, parse.labels
         meta = {
             "kind": kind,
